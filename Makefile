@@ -1,0 +1,39 @@
+# make setup | test | demo | bench | lint | format
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+BACKENDS := tensorflow jax torch
+STAMP := $(VENV)/.installed
+
+.PHONY: setup test unit integration demo bench lint format clean
+
+setup: $(STAMP)
+
+# Rebuilt only when the project's requirements change; later calls reuse .venv.
+$(STAMP): pyproject.toml requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	$(PY) -m pip install --quiet --no-deps -e .
+	touch $(STAMP)
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: setup
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+test: setup lint
+	$(PY) tests/run_backends.py $(BACKENDS)
+
+demo: setup
+	$(PY) examples/quickstart.py
+
+bench: setup
+	$(PY) benchmarks/run.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,8 @@
+"""keras_ext_embedding: a drop-in `keras.layers.Embedding`, safe on bad ids,
+fast with LoRA and lossless when saved, on TensorFlow, JAX and PyTorch."""
+
+from keras_ext_embedding.embedding import Embedding
+from keras_ext_embedding.errors import InvalidIdError
+
+__version__ = "0.1.0"
+__all__ = ["Embedding", "InvalidIdError", "__version__"]

@@ -1,0 +1,181 @@
+"""Id validation: one behaviour for invalid ids on every backend.
+
+Backends disagree on an id outside `[0, input_dim)`: JAX returns NaN, TensorFlow
+raises on CPU and returns zeros on GPU, PyTorch raises (and on GPU kills the CUDA
+context), and all three wrap negative ids to the last rows. The helpers here
+give one answer instead:
+
+- ids whose values can be read (eager execution) are checked on the host, and
+  the first invalid one raises `InvalidIdError`;
+- ids that are traced (`jax.jit`, `tf.function`, the compiled steps of
+  `Model.fit`/`predict`) cannot raise, so invalid positions are looked up as
+  row 0 and the output there is replaced by zeros.
+"""
+
+import numpy as np
+from keras import backend, ops
+
+from keras_ext_embedding.errors import InvalidIdError
+
+# The largest integer below which every integer is exactly representable.
+# Past it, distinct ids collapse onto one float, so the id a caller meant
+# cannot be recovered: such dtypes are refused instead of rounded.
+FLOAT_EXACT_INTEGERS = {
+    "float16": 2**11,
+    "bfloat16": 2**8,
+    "float32": 2**24,
+    "float64": 2**53,
+}
+INTEGER_DTYPES = (
+    "int8",
+    "int16",
+    "int32",
+    "int64",
+    "uint8",
+    "uint16",
+    "uint32",
+    "uint64",
+)
+
+
+def check_ids_dtype(dtype, input_dim, layer_name):
+    """Returns the standardized dtype of ids, or raises if it cannot hold ids.
+
+    Integer ids of any width are accepted. Float ids are accepted when the
+    dtype holds every id below `input_dim` exactly; anything else (bool,
+    complex, string) is refused.
+    """
+    dtype = backend.standardize_dtype(dtype)
+    if dtype in INTEGER_DTYPES:
+        return dtype
+    if dtype in FLOAT_EXACT_INTEGERS:
+        limit = FLOAT_EXACT_INTEGERS[dtype]
+        if input_dim - 1 > limit:
+            raise ValueError(
+                f"Layer '{layer_name}' received ids of dtype {dtype}, which "
+                f"holds whole numbers exactly only up to {limit}, but "
+                f"input_dim={input_dim} needs ids up to {input_dim - 1}: "
+                "larger ids may already have been rounded to a neighbouring "
+                "id. Pass integer ids (e.g. `keras.Input(shape, "
+                "dtype='int32')`), or a wider float dtype."
+            )
+        return dtype
+    raise TypeError(
+        f"Layer '{layer_name}' expects integer ids (or floats holding whole "
+        f"numbers). Received ids of dtype {dtype}. Cast the ids to an integer "
+        "dtype such as int32."
+    )
+
+
+def index_dtype(input_dim):
+    """The narrowest gather index dtype that holds every id below input_dim."""
+    return "int32" if input_dim <= 2**31 else "int64"
+
+
+def _valid_on_host(ids, input_dim):
+    """Boolean numpy mask of the valid entries of a numpy ids array."""
+    if ids.dtype.kind in "iu":
+        valid = ids <= input_dim - 1
+        if ids.dtype.kind == "i":
+            valid &= ids >= 0
+        return valid
+    ids = ids.astype("float64")
+    with np.errstate(invalid="ignore"):
+        return (ids >= 0) & (ids <= input_dim - 1) & (np.floor(ids) == ids)
+
+
+def _all_valid_on_host(ids, input_dim):
+    """Fast check: True when every entry of a numpy ids array is valid."""
+    if ids.size == 0:
+        return True
+    if ids.dtype.kind in "iu":
+        return bool(ids.min() >= 0 and ids.max() <= input_dim - 1)
+    return bool(_valid_on_host(ids, input_dim).all())
+
+
+def raise_first_invalid(ids, input_dim, layer_name):
+    """Raises `InvalidIdError` naming the first invalid entry of numpy `ids`."""
+    invalid = ~_valid_on_host(ids, input_dim)
+    flat_index = int(np.argmax(invalid.reshape(-1)))
+    position = tuple(int(i) for i in np.unravel_index(flat_index, ids.shape))
+    value = ids.reshape(-1)[flat_index].item()
+    raise InvalidIdError(
+        f"Layer '{layer_name}' received an invalid id {value!r} at position "
+        f"{position}. Ids must be whole numbers in [0, {input_dim - 1}] "
+        f"(input_dim={input_dim}). Fix the ids, or construct the layer with "
+        "`invalid_ids='zeros'` to look up an all-zero vector for every "
+        "invalid id."
+    )
+
+
+def host_ids(ids, input_dim, layer_name, check):
+    """Validates numpy ids on the host and returns integer ids.
+
+    Converting numpy ids to a backend tensor can change them before any check
+    could run (JAX without x64 narrows int64 to int32; PyTorch has no uint64),
+    so numpy ids are checked first and handed over as int32 (int64 for
+    vocabularies past 2**31). With `check=False`, invalid entries become -1,
+    which stays invalid on the device and is looked up as zeros there.
+    """
+    ids = np.asarray(ids)
+    check_ids_dtype(ids.dtype.name, input_dim, layer_name)
+    if _all_valid_on_host(ids, input_dim):
+        return ids.astype(index_dtype(input_dim), copy=False)
+    if check:
+        raise_first_invalid(ids, input_dim, layer_name)
+    valid = _valid_on_host(ids, input_dim)
+    return np.where(valid, ids, -1).astype(index_dtype(input_dim))
+
+
+def eager_check(ids, input_dim, layer_name):
+    """Checks ids whose values can be read; tells whether the check ran.
+
+    Returns True after checking concrete ids (raising `InvalidIdError` on the
+    first invalid one), and False for traced ids, whose values are unknown
+    until the compiled program runs.
+    """
+    try:
+        values = ops.convert_to_numpy(ids)
+    except (TypeError, RuntimeError):
+        # Traced values cannot be read: JAX raises a TypeError subclass
+        # (TracerArrayConversionError), TensorFlow a RuntimeError subclass
+        # (NotImplementedError) for symbolic tensors.
+        return False
+    if not _all_valid_on_host(values, input_dim):
+        raise_first_invalid(values, input_dim, layer_name)
+    return True
+
+
+def valid_mask(ids, dtype, input_dim):
+    """Boolean tensor of the valid entries of `ids`, or None if all must be.
+
+    Bounds that the dtype already guarantees are skipped (an unsigned id is
+    never negative; a uint8 id is always below input_dim=300), which also keeps
+    comparisons from overflowing a narrow dtype.
+    """
+    conditions = []
+    if dtype in FLOAT_EXACT_INTEGERS:
+        conditions.append(ops.equal(ids, ops.floor(ids)))
+        conditions.append(ops.greater_equal(ids, 0))
+        conditions.append(ops.less_equal(ids, input_dim - 1))
+    else:
+        info = np.iinfo(dtype)
+        if info.min < 0:
+            conditions.append(ops.greater_equal(ids, 0))
+        if info.max > input_dim - 1:
+            conditions.append(ops.less_equal(ids, input_dim - 1))
+    if not conditions:
+        return None
+    valid = conditions[0]
+    for condition in conditions[1:]:
+        valid = ops.logical_and(valid, condition)
+    return valid
+
+
+def gather_index(ids, dtype, valid, input_dim):
+    """Integer gather indices: invalid entries point at row 0."""
+    if valid is not None:
+        ids = ops.where(valid, ids, ops.zeros_like(ids))
+    if dtype not in ("int32", "int64"):
+        ids = ops.cast(ids, index_dtype(input_dim))
+    return ids
