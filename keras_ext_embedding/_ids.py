@@ -12,6 +12,8 @@ give one answer instead:
   row 0 and the output there is replaced by zeros.
 """
 
+import functools
+
 import numpy as np
 from keras import backend, ops
 
@@ -38,6 +40,7 @@ INTEGER_DTYPES = (
 )
 
 
+@functools.lru_cache(maxsize=256)
 def check_ids_dtype(dtype, input_dim, layer_name):
     """Returns the standardized dtype of ids, or raises if it cannot hold ids.
 

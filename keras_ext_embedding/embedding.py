@@ -202,9 +202,11 @@ class Embedding(keras.layers.Layer):
         if hasattr(inputs, "with_flat_values"):
             # A tf.RaggedTensor: look up its flat values, keep its row splits.
             return inputs.with_flat_values(self._lookup(inputs.flat_values))
-        # Sparse ids (tf.SparseTensor, jax BCOO) are densified as Keras does:
-        # a missing entry is id 0.
-        return self._lookup(ops.convert_to_tensor(inputs, sparse=False))
+        if hasattr(inputs, "dense_shape") or hasattr(inputs, "todense"):
+            # Sparse ids (tf.SparseTensor, jax BCOO) are densified as Keras
+            # does: a missing entry is id 0.
+            inputs = ops.convert_to_tensor(inputs, sparse=False)
+        return self._lookup(inputs)
 
     def compute_mask(self, inputs, mask=None):
         if not self.mask_zero:
@@ -432,13 +434,19 @@ class Embedding(keras.layers.Layer):
             lora_rows = ops.take(self.lora_embeddings_a, index, axis=0)
             delta = ops.matmul(lora_rows, self.lora_embeddings_b)
             outputs = ops.add(outputs, self._lora_scale * delta)
-        if keras.backend.standardize_dtype(outputs.dtype) != self.compute_dtype:
+        if self._lookup_dtype() != self.compute_dtype:
             outputs = ops.cast(outputs, self.compute_dtype)
         if valid is not None:
             outputs = ops.where(
                 ops.expand_dims(valid, -1), outputs, ops.zeros_like(outputs)
             )
         return outputs
+
+    def _lookup_dtype(self):
+        """The dtype of looked-up rows before the cast to the compute dtype."""
+        if not self.lora_enabled:
+            return self._embeddings.dtype
+        return keras.backend.result_type(self._embeddings.dtype, "float32")
 
     def _assign_table(self, table, what):
         _checkpoint.check_shape(
