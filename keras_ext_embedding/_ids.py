@@ -178,7 +178,7 @@ def valid_mask(ids, dtype, input_dim):
 def gather_index(ids, dtype, valid, input_dim):
     """Integer gather indices: invalid entries point at row 0."""
     if valid is not None:
-        ids = ops.where(valid, ids, ops.zeros_like(ids))
+        ids = ops.where(valid, ids, 0)
     if dtype not in ("int32", "int64"):
         ids = ops.cast(ids, index_dtype(input_dim))
     return ids
