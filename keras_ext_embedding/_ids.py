@@ -14,6 +14,7 @@ give one answer instead:
 
 import functools
 
+import keras
 import numpy as np
 from keras import backend, ops
 
@@ -182,3 +183,18 @@ def gather_index(ids, dtype, valid, input_dim):
     if dtype not in ("int32", "int64"):
         ids = ops.cast(ids, index_dtype(input_dim))
     return ids
+
+
+def zero_invalid_rows(outputs, valid):
+    """Replaces the looked-up rows at invalid positions by zeros."""
+
+    def zeroed():
+        return ops.where(ops.expand_dims(valid, -1), outputs, 0)
+
+    if keras.config.backend() == "tensorflow":
+        # A TensorFlow graph runs the select over the whole output as its own
+        # kernel (+35% on a 64x32x128 lookup); a cond on the small id mask
+        # skips it when every id is valid, the common case. XLA (JAX) fuses
+        # the select into the gather for free, where a cond would cost more.
+        return ops.cond(ops.all(valid), lambda: outputs, zeroed)
+    return zeroed()

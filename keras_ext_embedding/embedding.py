@@ -437,7 +437,7 @@ class Embedding(keras.layers.Layer):
         if self._lookup_dtype() != self.compute_dtype:
             outputs = ops.cast(outputs, self.compute_dtype)
         if valid is not None:
-            outputs = ops.where(ops.expand_dims(valid, -1), outputs, 0)
+            outputs = _ids.zero_invalid_rows(outputs, valid)
         return outputs
 
     def _lookup_dtype(self):
