@@ -13,6 +13,7 @@ give one answer instead:
 """
 
 import functools
+import warnings
 
 import keras
 import numpy as np
@@ -139,7 +140,15 @@ def eager_check(ids, input_dim, layer_name):
     until the compiled program runs.
     """
     try:
-        values = ops.convert_to_numpy(ids)
+        with warnings.catch_warnings():
+            # Keras's PyTorch backend converts with np.array(tensor), which
+            # NumPy 2 warns about on every call; the values are unaffected.
+            warnings.filterwarnings(
+                "ignore",
+                message="__array__ implementation",
+                category=DeprecationWarning,
+            )
+            values = ops.convert_to_numpy(ids)
     except (TypeError, RuntimeError):
         # Traced values cannot be read: JAX raises a TypeError subclass
         # (TracerArrayConversionError), TensorFlow a RuntimeError subclass

@@ -186,6 +186,21 @@ class Embedding(keras.layers.Layer):
         merged = ops.add(self._embeddings, self._lora_scale * delta)
         return ops.cast(merged, self.compute_dtype)
 
+    def __getattr__(self, name):
+        # Reached when the `embeddings` property raised AttributeError. On
+        # PyTorch, torch.nn.Module.__getattr__ would replace its message by
+        # "object has no attribute"; keep the one that says what to do.
+        if name == "embeddings":
+            raise AttributeError(
+                "You must build the layer before accessing `embeddings`."
+            )
+        parent = getattr(super(), "__getattr__", None)
+        if parent is None:
+            raise AttributeError(
+                f"'{type(self).__name__}' object has no attribute '{name}'"
+            )
+        return parent(name)
+
     def __call__(self, inputs, *args, **kwargs):
         # NumPy ids and Python lists are checked and made integer on the host,
         # before conversion to a backend tensor could narrow or round them.
