@@ -70,9 +70,11 @@ def run_layer_checks(make_layer, ids, *, check_fit=True, check_mixed=True):
         after = [ops.convert_to_numpy(v) for v in model.trainable_weights]
         # Every variable moves, except LoRA's A on the first step: B starts
         # at zero, so A's gradient is zero until B has moved.
-        changed = [not np.array_equal(b, a) for b, a in zip(before, after)]
+        changed = [not np.array_equal(b, a) for b, a in zip(before, after, strict=True)]
         names = [v.name for v in model.trainable_weights]
-        assert all(c or n == "lora_embeddings_a" for c, n in zip(changed, names))
+        assert all(
+            c or n == "lora_embeddings_a" for c, n in zip(changed, names, strict=True)
+        )
         assert any(changed)
 
     # Mixed precision: float32 variables, float16 outputs.

@@ -116,7 +116,7 @@ def test_variables_names_and_order():
 
 def test_embeddings_property_before_build():
     with pytest.raises(AttributeError, match="build the layer before accessing"):
-        Embedding(10, 4).embeddings
+        _ = Embedding(10, 4).embeddings
 
 
 def test_weights_argument_sets_the_table(rng):
