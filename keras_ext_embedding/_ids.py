@@ -50,7 +50,10 @@ def check_ids_dtype(dtype, input_dim, layer_name):
     dtype holds every id below `input_dim` exactly; anything else (bool,
     complex, string) is refused.
     """
-    dtype = backend.standardize_dtype(dtype)
+    try:
+        dtype = backend.standardize_dtype(dtype)
+    except ValueError:  # e.g. strings: not a dtype Keras knows at all
+        dtype = str(dtype)
     if dtype in INTEGER_DTYPES:
         return dtype
     if dtype in FLOAT_EXACT_INTEGERS:
@@ -103,9 +106,11 @@ def raise_first_invalid(ids, input_dim, layer_name):
     invalid = ~_valid_on_host(ids, input_dim)
     flat_index = int(np.argmax(invalid.reshape(-1)))
     position = tuple(int(i) for i in np.unravel_index(flat_index, ids.shape))
-    value = ids.reshape(-1)[flat_index].item()
+    # str() of the NumPy scalar: the shortest repr in the ids' own dtype
+    # (a float32 1.7 prints as 1.7, not 1.7000000476837158).
+    value = str(ids.reshape(-1)[flat_index])
     raise InvalidIdError(
-        f"Layer '{layer_name}' received an invalid id {value!r} at position "
+        f"Layer '{layer_name}' received an invalid id {value} at position "
         f"{position}. Ids must be whole numbers in [0, {input_dim - 1}] "
         f"(input_dim={input_dim}). Fix the ids, or construct the layer with "
         "`invalid_ids='zeros'` to look up an all-zero vector for every "
