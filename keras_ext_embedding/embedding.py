@@ -332,6 +332,10 @@ class Embedding(keras.layers.Layer):
             * ops.matmul(self.lora_embeddings_a, self.lora_embeddings_b),
         )
         self._embeddings.assign(ops.cast(merged, self._embeddings.dtype))
+        # A function traced before the merge (a TensorFlow predict function)
+        # still reads the adapters it captured: with B at zero it reads the
+        # merged table alone instead of adding the delta twice.
+        self.lora_embeddings_b.assign(ops.zeros_like(self.lora_embeddings_b))
         self._tracker.unlock()
         del self.lora_embeddings_a
         del self.lora_embeddings_b
