@@ -198,12 +198,12 @@ def lora_store(rank=2, alpha=4.0):
 
 
 def test_lora_rank_mismatch_is_refused():
-    with pytest.raises(ValueError, match="has LoRA rank=3.*adapters of rank=2"):
+    with pytest.raises(ValueError, match=r"has LoRA rank=3.*adapters of rank=2"):
         built_layer(lora_rank=3, lora_alpha=4).load_own_variables(lora_store())
 
 
 def test_lora_alpha_mismatch_is_refused():
-    with pytest.raises(ValueError, match="lora_alpha=8.*lora_alpha=4.0"):
+    with pytest.raises(ValueError, match=r"lora_alpha=8.*lora_alpha=4\.0"):
         built_layer(lora_rank=2, lora_alpha=8).load_own_variables(lora_store())
 
 
