@@ -335,7 +335,7 @@ class Embedding(keras.layers.Layer):
         # A function traced before the merge (a TensorFlow predict function)
         # still reads the adapters it captured: with B at zero it reads the
         # merged table alone instead of adding the delta twice.
-        self.lora_embeddings_b.assign(ops.zeros_like(self.lora_embeddings_b))
+        self.lora_embeddings_b.assign(ops.zeros(self.lora_embeddings_b.shape))
         self._tracker.unlock()
         del self.lora_embeddings_a
         del self.lora_embeddings_b
