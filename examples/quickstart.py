@@ -100,6 +100,5 @@ before = classifier.predict(ids, verbose=0)
 tokens.merge_lora()
 after = classifier.predict(ids, verbose=0)
 print("weights after merge:", [w.name for w in tokens.weights])
-print(
-    f"predictions before vs after merge: max abs difference {np.abs(before - after).max():.1e}"
-)
+difference = np.abs(before - after).max()
+print(f"predictions before vs after merge: max abs difference {difference:.1e}")
