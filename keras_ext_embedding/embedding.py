@@ -395,8 +395,8 @@ class Embedding(keras.layers.Layer):
         if rank != self.lora_rank or lora_alpha != self.lora_alpha:
             raise ValueError(
                 f"Layer '{self.name}' has LoRA rank={self.lora_rank}, "
-                f"lora_alpha={self.lora_alpha}, but the checkpoint holds "
-                f"adapters of rank={rank}, lora_alpha={lora_alpha}. Build "
+                f"lora_alpha={self.lora_alpha:g}, but the checkpoint holds "
+                f"adapters of rank={rank}, lora_alpha={lora_alpha:g}. Build "
                 "the layer with the checkpoint's `lora_rank` and `lora_alpha`, "
                 "or load it into a layer without LoRA to get the merged table."
             )
