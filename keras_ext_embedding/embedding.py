@@ -367,6 +367,7 @@ class Embedding(keras.layers.Layer):
             return
         entries = _checkpoint.read_entries(store, self.name)
         table = entries[0]
+        self._check_table_shape(table, "the table")
         if len(entries) == _checkpoint.PLAIN_ENTRIES:
             self._assign_table(table, "the table")
             if self.lora_enabled:
@@ -465,7 +466,7 @@ class Embedding(keras.layers.Layer):
             return self._embeddings.dtype
         return keras.backend.result_type(self._embeddings.dtype, "float32")
 
-    def _assign_table(self, table, what):
+    def _check_table_shape(self, table, what):
         _checkpoint.check_shape(
             self.name,
             what,
@@ -473,6 +474,9 @@ class Embedding(keras.layers.Layer):
             (self.input_dim, self.output_dim),
             "Build the layer with the input_dim and output_dim the table was made for.",
         )
+
+    def _assign_table(self, table, what):
+        self._check_table_shape(table, what)
         self._embeddings.assign(ops.cast(table, self._embeddings.dtype))
 
     def _reset_lora(self):
