@@ -10,6 +10,7 @@ from keras_ext_embedding._arguments import (
     check_positive_int,
     check_positive_number,
 )
+from keras_ext_embedding.errors import InvalidIdError
 
 INVALID_IDS_MODES = ("raise", "zeros")
 
@@ -211,7 +212,17 @@ class Embedding(keras.layers.Layer):
                 self.name,
                 check=self.invalid_ids == "raise",
             )
-        return super().__call__(inputs, *args, **kwargs)
+        try:
+            return super().__call__(inputs, *args, **kwargs)
+        except InvalidIdError as error:
+            # Keras re-raises an error from call() as a new one whose message
+            # appends the backend's repr of the inputs, so the text would
+            # differ by backend. The original, the same everywhere, is the
+            # new error's __context__.
+            original = error.__context__
+            if isinstance(original, InvalidIdError):
+                raise original from None
+            raise
 
     def call(self, inputs):
         if hasattr(inputs, "with_flat_values"):

@@ -4,8 +4,8 @@
     python cross_backend.py load DIR    # loads every DIR/<saver>/..., writes
                                         # DIR/<saver>/loaded_by_<backend>/...
 
-KERAS_BACKEND picks the backend; everything is written as .npy/.json so the
-test process compares the backends without importing any of them.
+KERAS_BACKEND picks the backend. Everything is written as .npy/.npz/.json, so
+the test process compares the backends without importing any of them.
 """
 
 import json
@@ -13,101 +13,160 @@ import os
 import sys
 from pathlib import Path
 
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
 import keras
 import numpy as np
+from keras import ops
 
 import keras_ext_embedding  # registers the layer: no custom_objects needed
 from keras_ext_embedding import Embedding, InvalidIdError
 
 BACKEND = keras.config.backend()
+BACKENDS = ("tensorflow", "jax", "torch")
+INPUT_DIM, OUTPUT_DIM = 12, 8
+# Trailing zeros are padding: mask_zero must hide them from the encoder.
 IDS = np.array([[1, 5, 9, 0, 0], [3, 3, 7, 11, 2]], dtype="int32")
+UNPADDED = IDS[:1, :3]
 TARGET = np.array([[0.5], [-1.0]], dtype="float32")
+# Saved as whole models (.keras), each with Embedding(mask_zero=True).
+MODELS = {
+    "lstm": {"encoder": "lstm"},
+    "pooled": {"encoder": "pooled"},
+    "lora": {"encoder": "lstm", "lora_rank": 4, "lora_alpha": 8},
+}
 
 
-def text_model(layer_cls, **kwargs):
-    inputs = keras.Input((None,), dtype="int32")
-    x = layer_cls(12, 8, name="tokens", **kwargs)(inputs)
-    x = keras.layers.LSTM(4, name="encoder")(x)
+def text_model(layer_cls, encoder="lstm", **kwargs):
+    inputs = keras.Input((None,), dtype="int32", name="ids")
+    x = layer_cls(INPUT_DIM, OUTPUT_DIM, mask_zero=True, name="tokens", **kwargs)(
+        inputs
+    )
+    if encoder == "lstm":
+        x = keras.layers.LSTM(4, name="encoder")(x)
+    else:
+        x = keras.layers.GlobalAveragePooling1D(name="encoder")(x)
     outputs = keras.layers.Dense(1, name="head")(x)
     return keras.Model(inputs, outputs)
 
 
 def weights_of(model):
-    return {
-        v.path.replace("/", "."): keras.ops.convert_to_numpy(v) for v in model.weights
-    }
+    return {v.path.replace("/", "."): ops.convert_to_numpy(v) for v in model.weights}
 
 
 def sgd_step(model):
+    """One SGD step on the fixed batch, from a freshly compiled optimizer."""
     model.compile(keras.optimizers.SGD(0.05), "mse")
     model.train_on_batch(IDS, TARGET)
 
 
+def describe(layer):
+    return {
+        "class": f"{type(layer).__module__}.{type(layer).__qualname__}",
+        "mask_zero": layer.mask_zero,
+        "lora_enabled": getattr(layer, "lora_enabled", False),
+        "lora_rank": layer.lora_rank,
+        "lora_alpha": layer.lora_alpha,
+        "trainable": [w.name for w in layer.trainable_weights],
+    }
+
+
 def dump(directory, name, model):
+    """Predictions, variables, layer facts, then variables after one step."""
     directory.mkdir(parents=True, exist_ok=True)
     np.save(directory / f"{name}_predictions.npy", model.predict(IDS, verbose=0))
+    np.save(directory / f"{name}_unpadded.npy", model.predict(UNPADDED, verbose=0))
     np.savez(directory / f"{name}_weights.npz", **weights_of(model))
+    layer = json.dumps(describe(model.get_layer("tokens")))
+    (directory / f"{name}_layer.json").write_text(layer)
     sgd_step(model)
     np.savez(directory / f"{name}_after_step.npz", **weights_of(model))
 
 
-def invalid_id_report():
-    layer = Embedding(12, 8, name="tokens")
+def error_of(function):
+    """What `function()` raised, as JSON-able facts; None if it returned."""
     try:
-        layer(np.array([[1, 12]]))
-        message = None
-    except InvalidIdError as error:
-        message = str(error)
-    compiled = None
-    if BACKEND in ("tensorflow", "jax"):
-        model = keras.Sequential([keras.Input((3,), dtype="int32"), layer])
-        out = model.predict(np.array([[1, 12, -1]]), verbose=0)
-        compiled = out[0, 1:].tolist()
-    return {"eager_message": message, "compiled_invalid_rows": compiled}
+        function()
+    except Exception as error:
+        return {
+            "type": type(error).__name__,
+            "is_invalid_id_error": isinstance(error, InvalidIdError),
+            "is_value_error": isinstance(error, ValueError),
+            "message": str(error),
+        }
+    return None
+
+
+def invalid_id_report():
+    layer = Embedding(INPUT_DIM, OUTPUT_DIM, name="tokens")
+    eager_cases = {
+        # NumPy and lists are checked on the host before conversion.
+        "numpy_int64": np.array([[1, 12]]),
+        "list": [[0, 1], [12, 3]],
+        "numpy_uint64": np.array([3, 2**63], dtype="uint64"),
+        # Backend tensors are checked after reading their values.
+        "tensor_int32": ops.convert_to_tensor(
+            np.array([[[2, 3], [4, -3]]], dtype="int32")
+        ),
+        "tensor_float32": ops.convert_to_tensor(np.array([2.0, 1.5], dtype="float32")),
+    }
+    report = {
+        "eager": {
+            case: error_of(lambda ids=ids: layer(ids))
+            for case, ids in eager_cases.items()
+        }
+    }
+    inputs = keras.Input((3,), dtype="int32")
+    model = keras.Model(inputs, layer(inputs))
+    bad = np.array([[1, 12, -1]], dtype="int32")
+    report["model_call"] = error_of(lambda: model(bad))
+    # Compiled on TensorFlow and JAX; PyTorch's predict runs eagerly.
+    report["predict_error"] = error_of(lambda: model.predict(bad, verbose=0))
+    if report["predict_error"] is None:
+        report["predict_rows"] = model.predict(bad, verbose=0)[0].tolist()
+        report["table_row_1"] = ops.convert_to_numpy(layer.embeddings)[1].tolist()
+    return report
 
 
 def save(root):
     keras.utils.set_random_seed(7)
     out = root / BACKEND
     out.mkdir(parents=True, exist_ok=True)
+    models = {name: text_model(Embedding, **kw) for name, kw in MODELS.items()}
+    for _ in range(2):  # the LoRA model is saved mid fine-tuning
+        sgd_step(models["lora"])
+    for name, model in models.items():
+        model.save(out / f"{name}.keras")
 
-    plain = text_model(Embedding, mask_zero=True)
-    plain.save(out / "plain.keras")
-
-    lora = text_model(Embedding, mask_zero=True, lora_rank=4, lora_alpha=8)
-    for _ in range(2):
-        sgd_step(lora)
-    lora.save(out / "lora.keras")
-
-    theirs = text_model(keras.layers.Embedding, mask_zero=True)
+    theirs = text_model(keras.layers.Embedding)
     theirs.save_weights(out / "keras_layer.weights.h5")
     np.save(out / "keras_layer_predictions.npy", theirs.predict(IDS, verbose=0))
-    ours = text_model(Embedding, mask_zero=True)
+    ours = text_model(Embedding)
     ours.save_weights(out / "our_layer.weights.h5")
     np.save(out / "our_layer_predictions.npy", ours.predict(IDS, verbose=0))
 
-    # Reference results of the saving backend itself, computed after saving.
-    dump(out / "reference", "plain", plain)
-    dump(out / "reference", "lora", lora)
+    # The saving backend's own results, from the models still in memory.
+    for name, model in models.items():
+        dump(out / "reference", name, model)
     (out / "invalid.json").write_text(json.dumps(invalid_id_report()))
 
 
 def load(root):
-    for saved in sorted(p for p in root.iterdir() if p.is_dir()):
+    for saver in BACKENDS:
+        saved = root / saver
         out = saved / f"loaded_by_{BACKEND}"
-        for name in ("plain", "lora"):
+        for name in MODELS:
             dump(out, name, keras.saving.load_model(saved / f"{name}.keras"))
         # Checkpoints cross between keras.layers.Embedding and ours.
-        ours = text_model(Embedding, mask_zero=True)
+        ours = text_model(Embedding)
         ours.load_weights(saved / "keras_layer.weights.h5")
         np.save(out / "keras_into_ours.npy", ours.predict(IDS, verbose=0))
-        theirs = text_model(keras.layers.Embedding, mask_zero=True)
+        theirs = text_model(keras.layers.Embedding)
         theirs.load_weights(saved / "our_layer.weights.h5")
         np.save(out / "ours_into_keras.npy", theirs.predict(IDS, verbose=0))
 
 
 if __name__ == "__main__":
     command, root = sys.argv[1], Path(sys.argv[2])
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     {"save": save, "load": load}[command](root)
     print(f"{command} under {BACKEND}: ok ({keras_ext_embedding.__version__})")

@@ -1,0 +1,60 @@
+"""Fresh Python processes under a chosen Keras backend, for the integration tests.
+
+`KERAS_BACKEND` is read when keras is first imported, so every backend needs a
+process of its own. The test process itself never imports keras: it only
+starts scripts and compares the `.npy`/`.json` files they write.
+"""
+
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+BACKENDS = ("tensorflow", "jax", "torch")
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = Path(__file__).resolve().parent / "scripts"
+TIMEOUT_S = 300
+
+
+def _run(backend, args, timeout):
+    env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    return subprocess.run(
+        [sys.executable, *map(str, args)],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def _failure(backend, args, done):
+    return (
+        f"`python {' '.join(map(str, args))}` under KERAS_BACKEND={backend} "
+        f"exited with {done.returncode}:\n"
+        f"--- stdout ---\n{done.stdout}\n--- stderr ---\n{done.stderr}"
+    )
+
+
+def run_under(backend, *args, timeout=TIMEOUT_S):
+    """Runs `python *args` under `backend`; returns its stdout, asserts exit 0."""
+    done = _run(backend, args, timeout)
+    assert done.returncode == 0, _failure(backend, args, done)
+    return done.stdout
+
+
+def run_under_each(*args, timeout=TIMEOUT_S):
+    """Runs `python *args` once per backend, concurrently; asserts all exit 0.
+
+    Most of a run is importing the backend, so the three overlap well even on
+    two cores. Returns {backend: stdout}.
+    """
+    with ThreadPoolExecutor(len(BACKENDS)) as pool:
+        futures = {b: pool.submit(_run, b, args, timeout) for b in BACKENDS}
+        results = {b: future.result() for b, future in futures.items()}
+    failures = [
+        _failure(b, args, done) for b, done in results.items() if done.returncode
+    ]
+    assert not failures, "\n\n".join(failures)
+    return {b: done.stdout for b, done in results.items()}
