@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 
-SUMMARY = re.compile(r"=+ (.*) in [\d.]+s")
+SUMMARY = re.compile(r"^=* ?(\d+ (?:passed|failed|error|skipped).*?) in [\d.]+s", re.M)
 
 
 def run(label, backend, paths):

@@ -3,42 +3,75 @@
 import keras
 import numpy as np
 import pytest
-from conftest import BACKEND
 from keras import ops
 from layer_test_case import table_of, to_numpy
 
 from keras_ext_embedding import Embedding, InvalidIdError
 
+BACKEND = keras.config.backend()
+
 pytestmark = pytest.mark.gpu
 
 
-def device_of(x):
+def on_gpu(x):
+    """Whether a backend tensor lives on a GPU."""
     if BACKEND == "jax":
-        return next(iter(x.devices())).platform
+        return all(device.platform == "gpu" for device in x.devices())
     if BACKEND == "torch":
-        return x.device.type
-    return x.device
+        return x.device.type == "cuda"
+    # TensorFlow: "/job:localhost/replica:0/task:0/device:GPU:0".
+    return "GPU" in x.device.upper()
 
 
 def test_lookup_runs_on_the_gpu():
+    layer = Embedding(1000, 16)
+    ids = np.array([[1, 2, 999]], dtype="int32")
+    out = layer(ops.convert_to_tensor(ids))
+    assert on_gpu(out)
+    assert on_gpu(layer.embeddings.value)  # the table itself
+    np.testing.assert_array_equal(to_numpy(out), table_of(layer)[ids])
+
+
+def test_lora_lookup_runs_on_the_gpu():
     layer = Embedding(1000, 16, lora_rank=4)
-    out = layer(ops.convert_to_tensor(np.array([[1, 2, 999]])))
-    assert "gpu" in str(device_of(out)).lower() or "cuda" in str(device_of(out))
-    np.testing.assert_allclose(to_numpy(out), table_of(layer)[[[1, 2, 999]]], atol=1e-5)
+    layer.build()
+    layer.lora_embeddings_b.assign(np.ones((4, 16), dtype="float32"))
+    ids = np.array([[1, 2, 999]], dtype="int32")
+    out = layer(ops.convert_to_tensor(ids))
+    assert on_gpu(out)
+    np.testing.assert_allclose(
+        to_numpy(out), table_of(layer)[ids], rtol=1e-5, atol=1e-5
+    )
 
 
-def test_invalid_id_on_gpu_raises_and_the_device_keeps_working():
-    layer = Embedding(10, 4)
-    with pytest.raises(InvalidIdError):
-        layer(ops.convert_to_tensor(np.array([1, 10])))
-    # The check runs before the gather: no device-side assert, no dead context.
-    out = layer(ops.convert_to_tensor(np.array([1, 9])))
+@pytest.mark.parametrize("bad_id", [10, -1, 2**20])
+def test_invalid_id_on_gpu_raises_and_the_device_keeps_working(bad_id):
+    layer = Embedding(10, 4, name="tokens")
+    with pytest.raises(InvalidIdError, match=f"invalid id {bad_id} at position"):
+        layer(ops.convert_to_tensor(np.array([1, bad_id], dtype="int32")))
+    # The check runs before the gather: no device-side assert, no dead
+    # context; the next lookup on the same device works.
+    out = layer(ops.convert_to_tensor(np.array([1, 9], dtype="int32")))
+    assert on_gpu(out)
     np.testing.assert_array_equal(to_numpy(out), table_of(layer)[[1, 9]])
 
 
-def test_compiled_predict_on_gpu_gives_zeros():
+def test_zeros_mode_on_gpu_and_the_device_keeps_working():
+    layer = Embedding(10, 4, invalid_ids="zeros")
+    out = layer(ops.convert_to_tensor(np.array([1, 10, -1], dtype="int32")))
+    assert on_gpu(out)
+    expected = table_of(layer)[[1, 0, 0]]
+    expected[1:] = 0.0
+    np.testing.assert_array_equal(to_numpy(out), expected)
+    out = layer(ops.convert_to_tensor(np.array([9], dtype="int32")))
+    np.testing.assert_array_equal(to_numpy(out), table_of(layer)[[9]])
+
+
+def test_predict_on_gpu_with_invalid_ids():
     layer = Embedding(10, 4, invalid_ids="zeros")
     model = keras.Sequential([keras.Input((2,), dtype="int32"), layer])
-    out = model.predict(np.array([[1, 10]]), verbose=0)
-    np.testing.assert_array_equal(out[0, 1], np.zeros(4))
+    out = model.predict(np.array([[1, 10]], dtype="int32"), verbose=0)
     np.testing.assert_array_equal(out[0, 0], table_of(layer)[1])
+    np.testing.assert_array_equal(out[0, 1], np.zeros(4))
+    valid = model.predict(np.array([[3, 9]], dtype="int32"), verbose=0)
+    np.testing.assert_array_equal(valid[0], table_of(layer)[[3, 9]])
