@@ -137,6 +137,22 @@ def host_ids(ids, input_dim, layer_name, check):
     return np.where(valid, ids, -1).astype(index_dtype(input_dim))
 
 
+def _read_on_host(ids):
+    """The values of concrete ids as a NumPy array; raises for traced ids."""
+    try:
+        # Zero-copy for host tensors of every backend: the common case.
+        return np.asarray(ids)
+    except (TypeError, RuntimeError):
+        pass  # a device tensor, one that needs grad, or a traced one
+    with warnings.catch_warnings():
+        # Keras's PyTorch backend converts with np.array(tensor), which
+        # NumPy 2 warns about; the values are unaffected.
+        warnings.filterwarnings(
+            "ignore", message="__array__ implementation", category=DeprecationWarning
+        )
+        return ops.convert_to_numpy(ids)
+
+
 def eager_check(ids, input_dim, layer_name):
     """Checks ids whose values can be read; tells whether the check ran.
 
@@ -145,15 +161,7 @@ def eager_check(ids, input_dim, layer_name):
     until the compiled program runs.
     """
     try:
-        with warnings.catch_warnings():
-            # Keras's PyTorch backend converts with np.array(tensor), which
-            # NumPy 2 warns about on every call; the values are unaffected.
-            warnings.filterwarnings(
-                "ignore",
-                message="__array__ implementation",
-                category=DeprecationWarning,
-            )
-            values = ops.convert_to_numpy(ids)
+        values = _read_on_host(ids)
     except (TypeError, RuntimeError):
         # Traced values cannot be read: JAX raises a TypeError subclass
         # (TracerArrayConversionError), TensorFlow a RuntimeError subclass

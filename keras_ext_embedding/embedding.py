@@ -463,8 +463,11 @@ class Embedding(keras.layers.Layer):
         outputs = ops.take(self._embeddings, index, axis=0)
         if self.lora_enabled:
             lora_rows = ops.take(self.lora_embeddings_a, index, axis=0)
-            delta = ops.matmul(lora_rows, self.lora_embeddings_b)
-            outputs = ops.add(outputs, self._lora_scale * delta)
+            # Scaling B (rank x output_dim) costs less than scaling the rows.
+            lora_b = self.lora_embeddings_b
+            if self._lora_scale != 1:
+                lora_b = ops.multiply(lora_b, self._lora_scale)
+            outputs = ops.add(outputs, ops.matmul(lora_rows, lora_b))
         if self._lookup_dtype() != self.compute_dtype:
             outputs = ops.cast(outputs, self.compute_dtype)
         if valid is not None:
