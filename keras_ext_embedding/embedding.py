@@ -13,6 +13,7 @@ from keras_ext_embedding._arguments import (
 from keras_ext_embedding.errors import InvalidIdError
 
 INVALID_IDS_MODES = ("raise", "zeros")
+UNBUILT_EMBEDDINGS = "You must build the layer before accessing `embeddings`."
 
 
 @keras.saving.register_keras_serializable(package="keras_ext_embedding")
@@ -157,7 +158,9 @@ class Embedding(keras.layers.Layer):
             self.build()
             if isinstance(weights, (list, tuple)) and len(weights) == 1:
                 weights = weights[0]
-            self._assign_table(np.asarray(weights), "`weights`")
+            weights = np.asarray(weights)
+            self._check_table_shape(weights, "`weights`")
+            self._set_table(weights)
 
     def build(self, input_shape=None):
         if self.built:
@@ -178,9 +181,7 @@ class Embedding(keras.layers.Layer):
     def embeddings(self):
         """The table; with LoRA enabled, the table merged with its adapters."""
         if not self.built:
-            raise AttributeError(
-                "You must build the layer before accessing `embeddings`."
-            )
+            raise AttributeError(UNBUILT_EMBEDDINGS)
         if not self.lora_enabled:
             return self._embeddings
         delta = ops.matmul(self.lora_embeddings_a, self.lora_embeddings_b)
@@ -192,9 +193,7 @@ class Embedding(keras.layers.Layer):
         # PyTorch, torch.nn.Module.__getattr__ would replace its message by
         # "object has no attribute"; keep the one that says what to do.
         if name == "embeddings":
-            raise AttributeError(
-                "You must build the layer before accessing `embeddings`."
-            )
+            raise AttributeError(UNBUILT_EMBEDDINGS)
         parent = getattr(super(), "__getattr__", None)
         if parent is None:
             raise AttributeError(
@@ -380,7 +379,7 @@ class Embedding(keras.layers.Layer):
         table = entries[0]
         self._check_table_shape(table, "the table")
         if len(entries) == _checkpoint.PLAIN_ENTRIES:
-            self._assign_table(table, "the table")
+            self._set_table(table)
             if self.lora_enabled:
                 self._reset_lora()
             return
@@ -401,8 +400,7 @@ class Embedding(keras.layers.Layer):
             "The checkpoint belongs to a layer of another output_dim.",
         )
         if not self.lora_enabled:
-            merged = _checkpoint.merged_table(table, lora_a, lora_b, lora_alpha)
-            self._assign_table(merged, "the table")
+            self._set_table(_checkpoint.merged_table(table, lora_a, lora_b, lora_alpha))
             return
         if rank != self.lora_rank or lora_alpha != self.lora_alpha:
             raise ValueError(
@@ -412,7 +410,7 @@ class Embedding(keras.layers.Layer):
                 "the layer with the checkpoint's `lora_rank` and `lora_alpha`, "
                 "or load it into a layer without LoRA to get the merged table."
             )
-        self._assign_table(table, "the table")
+        self._set_table(table)
         self.lora_embeddings_a.assign(lora_a)
         self.lora_embeddings_b.assign(lora_b)
 
@@ -489,8 +487,7 @@ class Embedding(keras.layers.Layer):
             "Build the layer with the input_dim and output_dim the table was made for.",
         )
 
-    def _assign_table(self, table, what):
-        self._check_table_shape(table, what)
+    def _set_table(self, table):
         self._embeddings.assign(ops.cast(table, self._embeddings.dtype))
 
     def _reset_lora(self):
