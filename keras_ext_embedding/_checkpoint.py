@@ -1,35 +1,83 @@
 """The layout of an Embedding layer's variables in a weights store.
 
-`keras.layers.Embedding` stores one array, the table, under key "0" (with LoRA
-it merges the adapters into the table first and drops them). This layer stores
-the table alone when LoRA is off, so checkpoints cross with Keras both ways,
-and with LoRA on it stores the unmerged table and the adapters, each in its own
-dtype, so fine-tuning resumes exactly where it stopped:
+The table's variables come first, in `keras.layers.Embedding`'s order, so
+checkpoints without LoRA cross with Keras both ways:
 
-    "0": embeddings          (input_dim, output_dim), the table's dtype
-    "1": lora_embeddings_a   (input_dim, rank), float32
-    "2": lora_embeddings_b   (rank, output_dim), float32
-    "3": lora_alpha          (1,), float64
+    float table:    "0" embeddings (input_dim, output_dim)
+    int8:           "0" embeddings int8 (input_dim, output_dim)
+                    "1" embeddings_scale (input_dim,)
+    int4, per row:  "0" embeddings int8, two values a byte
+                        (input_dim, ceil(output_dim / 2))
+                    "1" embeddings_scale (input_dim,)
+    int4, grouped:  "0" embeddings, "1" embeddings_scale (input_dim, groups),
+                    "2" embeddings_zero int8 (input_dim, groups),
+                    "3" g_idx float32 (output_dim,)
+
+With LoRA enabled, three entries follow the table's `n`: "n" lora_embeddings_a
+(input_dim, rank) and "n+1" lora_embeddings_b (rank, output_dim), both
+float32, and "n+2" lora_alpha (1,) float64. Keras merges the adapters into the
+table before saving (and for a quantized table quantizes the merge again); this
+layer keeps them apart, each in its own dtype, so fine-tuning resumes exactly
+where it stopped.
 """
 
 import numpy as np
 
-PLAIN_ENTRIES = 1
-LORA_ENTRIES = 4
+LORA_ENTRIES = 3
 
 
-def read_entries(store, layer_name):
-    """Returns the arrays of a store as numpy, checking their count."""
+def read_entries(store, layer_name, stored, description, shape_hint):
+    """Returns the store's arrays as NumPy after checking them against the
+    layer's `(name, variable)` pairs: their count (with or without LoRA), and
+    each table array's dtype and shape (`shape_hint` says how to fix one)."""
     count = len(store.keys())
-    if count not in (PLAIN_ENTRIES, LORA_ENTRIES):
+    entries = [np.asarray(store[str(i)]) for i in range(count)]
+    names = ", ".join(name for name, _ in stored)
+    if count not in (len(stored), len(stored) + LORA_ENTRIES):
         raise ValueError(
             f"Layer '{layer_name}' cannot load a checkpoint entry with {count} "
-            "arrays: an Embedding stores 1 (the table, as "
-            "keras.layers.Embedding saves it) or 4 (the table, LoRA adapters "
-            "a and b, and lora_alpha). The file was written by a different "
-            "layer or model, or is corrupt."
+            f"arrays: the layer holds {description} and loads {len(stored)} "
+            f"({names}), or {len(stored) + LORA_ENTRIES} with LoRA adapters "
+            "after them (lora_embeddings_a, lora_embeddings_b, lora_alpha). "
+            + _hint(entries, stored)
         )
-    return [np.asarray(store[str(i)]) for i in range(count)]
+    for (name, variable), array in zip(stored, entries, strict=False):
+        expected_integer = np.dtype(str(variable.dtype)).kind == "i"
+        if (array.dtype.kind == "i") != expected_integer:
+            raise ValueError(
+                f"Layer '{layer_name}' cannot load {name} of dtype "
+                f"{array.dtype} from the checkpoint: the layer holds "
+                f"{description}, with {name} of dtype {variable.dtype}. "
+                + _hint(entries, stored)
+            )
+        what = "the table" if len(stored) == 1 else name
+        check_shape(layer_name, what, array, variable.shape, shape_hint)
+    return entries
+
+
+def _hint(entries, stored):
+    """What the checkpoint probably holds, and how to load it."""
+    file_quantized = bool(entries) and entries[0].dtype == np.int8
+    layer_quantized = len(stored) > 1
+    if file_quantized and not layer_quantized:
+        return (
+            "The checkpoint holds a quantized table: build the layer with the "
+            "dtype policy it was saved with (e.g. dtype='int8_from_float32') "
+            "or call `layer.quantize(...)` with the same mode and config "
+            "before loading."
+        )
+    if layer_quantized and entries and not file_quantized:
+        return (
+            "The checkpoint holds a float table: load it into a layer that is "
+            "not quantized, then call `layer.quantize(...)`."
+        )
+    if layer_quantized:
+        return (
+            "The checkpoint was quantized with another mode or int4 "
+            "block_size: build the layer with the dtype policy and "
+            "quantization_config it was saved with."
+        )
+    return "The file was written by a different layer or model, or is corrupt."
 
 
 def check_shape(layer_name, what, array, expected, hint):

@@ -4,7 +4,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_ext_embedding import _checkpoint, _ids
+from keras_ext_embedding import _checkpoint, _ids, _quantization
 from keras_ext_embedding._arguments import (
     check_choice,
     check_positive_int,
@@ -14,6 +14,9 @@ from keras_ext_embedding.errors import InvalidIdError
 
 INVALID_IDS_MODES = ("raise", "zeros")
 UNBUILT_EMBEDDINGS = "You must build the layer before accessing `embeddings`."
+TABLE_SHAPE_HINT = (
+    "Build the layer with the input_dim and output_dim the table was made for."
+)
 
 
 @keras.saving.register_keras_serializable(package="keras_ext_embedding")
@@ -45,6 +48,12 @@ class Embedding(keras.layers.Layer):
       `input_dim x output_dim` table, and saving keeps the adapters beside the
       table so fine-tuning resumes where it stopped. `merge_lora()` folds them
       in for deployment.
+    - Quantized tables (`quantize("int8")`, `quantize("int4")`, or an
+      `int8_from_*`/`int4_from_*` dtype policy) keep Keras's variables and
+      checkpoint format, but a lookup gathers the quantized rows first and
+      dequantizes only those (Keras unpacks the whole int4 table on every
+      call). LoRA works on a quantized table, and saving keeps the quantized
+      table and the adapters apart instead of re-quantizing a merge.
 
     Example:
 
@@ -82,8 +91,12 @@ class Embedding(keras.layers.Layer):
         lora_alpha: Optional positive number. The delta is scaled by
             `lora_alpha / lora_rank`. Defaults to `lora_rank`. Kept through
             build, `get_config` and reloading.
-        quantization_config: Reserved for quantization, which this layer does
-            not support yet; must be `None`.
+        quantization_config: Optional `keras.quantizers.Int8QuantizationConfig`
+            or `Int4QuantizationConfig`, used when the layer is built with a
+            quantized dtype policy (`dtype="int8_from_float32"`,
+            `"int4/64_from_float32"`, ...): the int4 `block_size` (`None` for
+            one scale per row) and a custom `weight_quantizer`, as in Keras.
+            `layer.quantize(mode, config=...)` sets it.
         invalid_ids: `"raise"` (default) or `"zeros"`. How ids outside
             `[0, input_dim)` or non-whole float ids are handled, see above.
         **kwargs: Base layer keyword arguments, such as `name`, `dtype`,
@@ -124,13 +137,7 @@ class Embedding(keras.layers.Layer):
         if lora_alpha is not None:
             check_positive_number("lora_alpha", lora_alpha)
         check_choice("invalid_ids", invalid_ids, INVALID_IDS_MODES)
-        if quantization_config is not None:
-            raise NotImplementedError(
-                "keras_ext_embedding.Embedding does not support quantization "
-                "yet. Received: quantization_config="
-                f"{quantization_config!r}. Remove the argument, or use "
-                "keras.layers.Embedding for a quantized table."
-            )
+        _quantization.check_config(quantization_config)
         input_length = kwargs.pop("input_length", None)
         if input_length is not None:
             warnings.warn(
@@ -138,6 +145,16 @@ class Embedding(keras.layers.Layer):
                 stacklevel=2,
             )
         super().__init__(**kwargs)
+        mode = self.quantization_mode
+        if quantization_config is not None and mode not in (
+            None,
+            quantization_config.mode,
+        ):
+            raise ValueError(
+                f"`quantization_config` is for mode '{quantization_config.mode}' "
+                f"but the dtype policy '{self.dtype_policy.name}' quantizes to "
+                f"'{mode}'. Pass a config and a dtype policy of the same mode."
+            )
         self.input_dim = input_dim
         self.output_dim = output_dim
         self.embeddings_initializer = keras.initializers.get(embeddings_initializer)
@@ -153,6 +170,11 @@ class Embedding(keras.layers.Layer):
         self.quantization_config = quantization_config
         self.invalid_ids = invalid_ids
         self._lora_a_initializer = None
+        # Set by quantized_build: Keras's flag (read by `quantize` and the
+        # dtype_policy setter), the mode and the int4 group size.
+        self._is_quantized = False
+        self._quantized_mode = None
+        self._int4_block_size = None
 
         if weights is not None:
             self.build()
@@ -164,6 +186,16 @@ class Embedding(keras.layers.Layer):
 
     def build(self, input_shape=None):
         if self.built:
+            return
+        if self.quantization_mode is not None:
+            self.quantized_build(
+                (self.input_dim, self.output_dim),
+                mode=self.quantization_mode,
+                config=self.quantization_config,
+            )
+            self.built = True
+            if self.lora_rank:
+                self.enable_lora(self.lora_rank, lora_alpha=self.lora_alpha)
             return
         self._embeddings = self.add_weight(
             shape=(self.input_dim, self.output_dim),
@@ -179,9 +211,18 @@ class Embedding(keras.layers.Layer):
 
     @property
     def embeddings(self):
-        """The table; with LoRA enabled, the table merged with its adapters."""
+        """The table; with LoRA enabled, the table merged with its adapters.
+
+        On a quantized layer, the stored integer values as
+        `keras.layers.Embedding` returns them (int8; int4 unpacked to int8),
+        without the adapters.
+        """
         if not self.built:
             raise AttributeError(UNBUILT_EMBEDDINGS)
+        if self._is_quantized:
+            if self._quantized_mode == "int4":
+                return _quantization.unpack_int4(self._embeddings, self.output_dim)
+            return self._embeddings
         if not self.lora_enabled:
             return self._embeddings
         delta = ops.matmul(self.lora_embeddings_a, self.lora_embeddings_b)
@@ -223,6 +264,23 @@ class Embedding(keras.layers.Layer):
                 raise original from None
             raise
 
+    @property
+    def dtype_policy(self):
+        return keras.layers.Layer.dtype_policy.fget(self)
+
+    @dtype_policy.setter
+    def dtype_policy(self, value):
+        # Keras sets a quantized policy before quantizing the table; when
+        # quantize() refuses (int8 with float16 compute), the float table
+        # would be left under a quantized policy. Put the old policy back.
+        previous = getattr(self, "_dtype_policy", None)
+        try:
+            keras.layers.Layer.dtype_policy.fset(self, value)
+        except Exception:
+            if previous is not None:
+                self._dtype_policy = previous
+            raise
+
     def call(self, inputs):
         if hasattr(inputs, "with_flat_values"):
             # A tf.RaggedTensor: look up its flat values, keep its row splits.
@@ -232,6 +290,12 @@ class Embedding(keras.layers.Layer):
             # does: a missing entry is id 0.
             inputs = ops.convert_to_tensor(inputs, sparse=False)
         return self._lookup(inputs)
+
+    def quantized_call(self, inputs, *args, **kwargs):
+        # Keras routes a layer with a quantized dtype policy here instead of
+        # call(); a quantized lookup takes the same path (id checks, ragged
+        # and sparse ids), only its rows are read differently.
+        return self.call(inputs, *args, **kwargs)
 
     def compute_mask(self, inputs, mask=None):
         if not self.mask_zero:
@@ -323,6 +387,13 @@ class Embedding(keras.layers.Layer):
         are deleted, and the table is trainable again. Outputs are unchanged
         (up to the table dtype's rounding). Recompile a model after merging.
 
+        On a quantized layer the table is dequantized, merged in float32 and
+        quantized again with the layer's mode and config (the same int4
+        `block_size` and weight quantizer): a lossy step, each value moves by
+        up to half a quantization step, and the table stays frozen. To keep
+        fine-tuning without that loss, save the layer instead: checkpoints
+        keep the quantized table and the adapters apart.
+
         Example:
 
         >>> layer = keras_ext_embedding.Embedding(1000, 16, lora_rank=4)
@@ -336,12 +407,17 @@ class Embedding(keras.layers.Layer):
                 f"Layer '{self.name}' has no LoRA adapters to merge. Call "
                 "`enable_lora(rank)` and fine-tune before `merge_lora()`."
             )
-        merged = ops.add(
-            ops.cast(self._embeddings, "float32"),
-            self._lora_scale
-            * ops.matmul(self.lora_embeddings_a, self.lora_embeddings_b),
-        )
-        self._embeddings.assign(ops.cast(merged, self._embeddings.dtype))
+        if self._is_quantized:
+            self._fold_into_quantized(
+                self.lora_embeddings_a, self.lora_embeddings_b, self.lora_alpha
+            )
+        else:
+            merged = ops.add(
+                ops.cast(self._embeddings, "float32"),
+                self._lora_scale
+                * ops.matmul(self.lora_embeddings_a, self.lora_embeddings_b),
+            )
+            self._embeddings.assign(ops.cast(merged, self._embeddings.dtype))
         # A function traced before the merge (a TensorFlow predict function)
         # still reads the adapters it captured: with B at zero it reads the
         # merged table alone instead of adding the delta twice.
@@ -350,20 +426,122 @@ class Embedding(keras.layers.Layer):
         del self.lora_embeddings_a
         del self.lora_embeddings_b
         self._tracker.lock()
-        self._embeddings.trainable = True
+        self._embeddings.trainable = not self._is_quantized
         self.lora_enabled = False
         self.lora_rank = None
         self.lora_alpha = None
         self._lora_a_initializer = None
 
+    def quantize(self, mode=None, type_check=True, config=None):
+        """Quantizes the table to int8 or int4, as `keras.layers.Embedding` does.
+
+        The same variables and dtype policy as Keras (`int8_from_float32`,
+        `int4/{block_size}_from_float32`, ...): int8 keeps one scale per
+        row; int4 packs two values per byte, with one scale per row
+        (`block_size=None`) or, by default, a scale and zero point per group
+        of 128 values. The quantized table is frozen; LoRA adapters, enabled
+        before or after, stay float32 and trainable. `Model.quantize(...)`
+        calls this on every Embedding of the model.
+
+        Example:
+
+        >>> layer = keras_ext_embedding.Embedding(1000, 64)
+        >>> layer.build()
+        >>> layer.quantize("int8")
+        >>> layer.dtype_policy.name, [w.name for w in layer.weights]
+        ('int8_from_float32', ['embeddings', 'embeddings_scale'])
+
+        Args:
+            mode: `"int8"` or `"int4"`.
+            type_check: As in Keras: subclasses must pass `False` to confirm
+                they read the quantized variables correctly.
+            config: Optional `keras.quantizers.Int8QuantizationConfig` or
+                `Int4QuantizationConfig` (custom `weight_quantizer`, int4
+                `block_size`).
+        """
+        if type_check and type(self) is not Embedding:
+            raise self._not_implemented_error(self.quantize)
+        if mode not in _quantization.MODES:
+            raise self._quantization_mode_error(mode)
+        if self.quantization_mode == mode:
+            # Reached from the dtype_policy setter, which sets the policy
+            # first and passes Keras's default config: the policy's int4
+            # block size (none: one scale per row) is what a reload builds.
+            config = self._default_config(mode)
+        config = config or self._default_config(mode)
+        table = ops.convert_to_numpy(ops.cast(self._embeddings, "float32"))
+        arrays = _quantization.quantize_table(table, mode, config, self.name)
+        self.quantization_config = config
+        del self._embeddings
+        self.quantized_build((self.input_dim, self.output_dim), mode, config)
+        self._assign_quantized(arrays)
+        if self.dtype_policy.quantization_mode is None:
+            policy_name = mode
+            if mode == "int4":
+                block_size = self._int4_block_size
+                policy_name = f"int4/{-1 if block_size is None else block_size}"
+            self.dtype_policy = keras.dtype_policies.get(
+                f"{policy_name}_from_{self.dtype_policy.name}"
+            )
+
+    def quantized_build(self, embeddings_shape, mode, config=None):
+        """Creates the quantized variables, named and shaped as in Keras."""
+        if mode not in _quantization.MODES:
+            raise self._quantization_mode_error(mode)
+        input_dim, output_dim = embeddings_shape
+        block_size = None
+        if mode == "int4":
+            if not isinstance(config, keras.quantizers.Int4QuantizationConfig):
+                config = self._default_config(mode)
+            block_size = _quantization.block_size_of(config)
+        width = output_dim if mode == "int8" else _quantization.packed_width(output_dim)
+        self._embeddings = self.add_weight(
+            name="embeddings",
+            shape=(input_dim, width),
+            initializer="zeros",
+            dtype="int8",
+            trainable=False,
+        )
+        scale_shape = (input_dim,)
+        if block_size is not None:
+            scale_shape = (input_dim, _quantization.group_count(output_dim, block_size))
+        self.embeddings_scale = self.add_weight(
+            name="embeddings_scale",
+            shape=scale_shape,
+            initializer="ones",
+            trainable=False,
+        )
+        if block_size is not None:
+            self.embeddings_zero = self.add_weight(
+                name="embeddings_zero",
+                shape=scale_shape,
+                initializer="zeros",
+                dtype="int8",
+                trainable=False,
+            )
+            self.g_idx = self.add_weight(
+                name="g_idx",
+                shape=(output_dim,),
+                initializer="zeros",
+                dtype="float32",
+                trainable=False,
+            )
+            self.g_idx.assign(_quantization.group_index(output_dim, block_size))
+        self._int4_block_size = block_size
+        self._quantized_mode = mode
+        self._is_quantized = True
+
     def save_own_variables(self, store):
         if not self.built:
             return
-        store["0"] = self._embeddings
+        stored = self._stored_variables()
+        for index, (_, variable) in enumerate(stored):
+            store[str(index)] = variable
         if self.lora_enabled:
-            store["1"] = self.lora_embeddings_a
-            store["2"] = self.lora_embeddings_b
-            store["3"] = np.asarray([self.lora_alpha], dtype="float64")
+            first = len(stored)
+            store[str(first)] = self.lora_embeddings_a
+            store[str(first + 1)] = self.lora_embeddings_b
+            store[str(first + 2)] = np.asarray([self.lora_alpha], dtype="float64")
 
     def load_own_variables(self, store):
         if not self.built:
@@ -375,15 +553,26 @@ class Embedding(keras.layers.Layer):
                     "once, or `layer.build()`) before loading weights."
                 )
             return
-        entries = _checkpoint.read_entries(store, self.name)
-        table = entries[0]
-        self._check_table_shape(table, "the table")
-        if len(entries) == _checkpoint.PLAIN_ENTRIES:
-            self._set_table(table)
+        # Everything is checked before anything is assigned: a refused
+        # checkpoint leaves the layer as it was.
+        stored = self._stored_variables()
+        entries = _checkpoint.read_entries(
+            store,
+            self.name,
+            stored,
+            self._table_description(),
+            TABLE_SHAPE_HINT
+            if not self._is_quantized
+            else "Build the layer with the input_dim, output_dim, dtype policy "
+            "and quantization_config the checkpoint was saved with.",
+        )
+        base, lora = entries[: len(stored)], entries[len(stored) :]
+        if not lora:
+            self._assign_stored(base)
             if self.lora_enabled:
                 self._reset_lora()
             return
-        lora_a, lora_b, lora_alpha = entries[1], entries[2], float(entries[3][0])
+        lora_a, lora_b, lora_alpha = lora[0], lora[1], float(lora[2][0])
         rank = lora_a.shape[-1]
         _checkpoint.check_shape(
             self.name,
@@ -399,10 +588,9 @@ class Embedding(keras.layers.Layer):
             (rank, self.output_dim),
             "The checkpoint belongs to a layer of another output_dim.",
         )
-        if not self.lora_enabled:
-            self._set_table(_checkpoint.merged_table(table, lora_a, lora_b, lora_alpha))
-            return
-        if rank != self.lora_rank or lora_alpha != self.lora_alpha:
+        if self.lora_enabled and (
+            rank != self.lora_rank or lora_alpha != self.lora_alpha
+        ):
             raise ValueError(
                 f"Layer '{self.name}' has LoRA rank={self.lora_rank}, "
                 f"lora_alpha={self.lora_alpha:g}, but the checkpoint holds "
@@ -410,9 +598,17 @@ class Embedding(keras.layers.Layer):
                 "the layer with the checkpoint's `lora_rank` and `lora_alpha`, "
                 "or load it into a layer without LoRA to get the merged table."
             )
-        self._set_table(table)
-        self.lora_embeddings_a.assign(lora_a)
-        self.lora_embeddings_b.assign(lora_b)
+        if self.lora_enabled:
+            self._assign_stored(base)
+            self.lora_embeddings_a.assign(lora_a)
+            self.lora_embeddings_b.assign(lora_b)
+        elif self._is_quantized:
+            self._assign_stored(base)
+            self._fold_into_quantized(lora_a, lora_b, lora_alpha)
+        else:
+            self._set_table(
+                _checkpoint.merged_table(base[0], lora_a, lora_b, lora_alpha)
+            )
 
     def get_config(self):
         base_config = super().get_config()
@@ -432,7 +628,9 @@ class Embedding(keras.layers.Layer):
                 self.embeddings_constraint
             ),
             "mask_zero": self.mask_zero,
-            "quantization_config": None,
+            "quantization_config": keras.saving.serialize_keras_object(
+                self.quantization_config
+            ),
         }
         # As in Keras, LoRA keys appear only when LoRA is on, and so does the
         # non-default `invalid_ids`: a default config loads into
@@ -443,6 +641,14 @@ class Embedding(keras.layers.Layer):
         if self.invalid_ids != "raise":
             config["invalid_ids"] = self.invalid_ids
         return {**base_config, **config}
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["quantization_config"] = keras.saving.deserialize_keras_object(
+            config.get("quantization_config")
+        )
+        return super().from_config(config)
 
     @property
     def _lora_scale(self):
@@ -458,7 +664,10 @@ class Embedding(keras.layers.Layer):
         # zeroed below.
         valid = None if checked else _ids.valid_mask(ids, dtype, self.input_dim)
         index = _ids.gather_index(ids, dtype, valid, self.input_dim)
-        outputs = ops.take(self._embeddings, index, axis=0)
+        if self._is_quantized:
+            outputs = _quantization.rows(self, index)
+        else:
+            outputs = ops.take(self._embeddings, index, axis=0)
         if self.lora_enabled:
             lora_rows = ops.take(self.lora_embeddings_a, index, axis=0)
             # Scaling B (rank x output_dim) costs less than scaling the rows.
@@ -474,6 +683,8 @@ class Embedding(keras.layers.Layer):
 
     def _lookup_dtype(self):
         """The dtype of looked-up rows before the cast to the compute dtype."""
+        if self._is_quantized:
+            return "float32"  # Rows are dequantized in float32.
         if not self.lora_enabled:
             return self._embeddings.dtype
         return keras.backend.result_type(self._embeddings.dtype, "float32")
@@ -484,10 +695,22 @@ class Embedding(keras.layers.Layer):
             what,
             table,
             (self.input_dim, self.output_dim),
-            "Build the layer with the input_dim and output_dim the table was made for.",
+            TABLE_SHAPE_HINT,
         )
 
     def _set_table(self, table):
+        """Sets the table from float values, quantizing them if the layer is."""
+        if self._is_quantized:
+            table = ops.convert_to_numpy(ops.cast(table, "float32"))
+            self._assign_quantized(
+                _quantization.quantize_table(
+                    table,
+                    self._quantized_mode,
+                    self._requantization_config(),
+                    self.name,
+                )
+            )
+            return
         self._embeddings.assign(ops.cast(table, self._embeddings.dtype))
 
     def _reset_lora(self):
@@ -496,3 +719,84 @@ class Embedding(keras.layers.Layer):
         b = self.lora_embeddings_b
         a.assign(self._lora_a_initializer(a.shape, dtype=a.dtype))
         b.assign(ops.zeros(b.shape, dtype=b.dtype))
+
+    def _stored_variables(self):
+        """(name, variable) of the table's variables, in checkpoint order."""
+        if not self._is_quantized:
+            return [("embeddings", self._embeddings)]
+        stored = [
+            ("embeddings", self._embeddings),
+            ("embeddings_scale", self.embeddings_scale),
+        ]
+        if self._int4_block_size is not None:
+            stored.append(("embeddings_zero", self.embeddings_zero))
+            stored.append(("g_idx", self.g_idx))
+        return stored
+
+    def _table_description(self):
+        if not self._is_quantized:
+            return "a float table"
+        if self._quantized_mode == "int8":
+            return "an int8-quantized table"
+        if self._int4_block_size is None:
+            return "an int4-quantized table with one scale per row"
+        return f"an int4-quantized table in groups of {self._int4_block_size}"
+
+    def _assign_stored(self, arrays):
+        """Assigns checked checkpoint arrays to the table's variables."""
+        if not self._is_quantized:
+            self._set_table(arrays[0])
+            return
+        for (_, variable), array in zip(self._stored_variables(), arrays, strict=True):
+            variable.assign(array)
+
+    def _assign_quantized(self, arrays):
+        """Assigns the arrays of `_quantization.quantize_table`."""
+        self._embeddings.assign(arrays["embeddings"])
+        self.embeddings_scale.assign(arrays["embeddings_scale"])
+        if "embeddings_zero" in arrays:
+            self.embeddings_zero.assign(arrays["embeddings_zero"])
+
+    def _fold_into_quantized(self, lora_a, lora_b, lora_alpha):
+        """Dequantizes the table, adds the LoRA delta, quantizes it again."""
+        rank = lora_a.shape[-1]
+        delta = ops.matmul(ops.cast(lora_a, "float32"), ops.cast(lora_b, "float32"))
+        merged = ops.add(
+            _quantization.dequantize_table(self), (lora_alpha / rank) * delta
+        )
+        self._set_table(merged)
+
+    def _requantization_config(self):
+        """The config the table was quantized with, for quantizing it again."""
+        config = self.quantization_config
+        if config is not None and config.mode == self._quantized_mode:
+            return config
+        if self._quantized_mode == "int8":
+            return keras.quantizers.Int8QuantizationConfig()
+        return keras.quantizers.Int4QuantizationConfig(block_size=self._int4_block_size)
+
+    def _default_config(self, mode):
+        """The config when none is passed: the layer's `quantization_config`
+        if it is for `mode`, else what the dtype policy names."""
+        config = self.quantization_config
+        if config is not None and config.mode == mode:
+            return config
+        if mode == "int8":
+            return keras.quantizers.Int8QuantizationConfig()
+        return keras.quantizers.Int4QuantizationConfig(
+            block_size=self._policy_block_size()
+        )
+
+    def _policy_block_size(self):
+        """The int4 block size named by the dtype policy (`int4/64_from_...`)."""
+        policy = self._dtype_policy
+        if isinstance(policy, keras.dtype_policies.DTypePolicyMap) and self.path:
+            policy = policy[self.path]
+        block_size = getattr(policy, "block_size", None)
+        return None if block_size == -1 else block_size
+
+    def _quantization_mode_error(self, mode):
+        return NotImplementedError(
+            f"Invalid quantization mode. Expected one of {_quantization.MODES}. "
+            f"Received: quantization_mode={mode}"
+        )

@@ -111,9 +111,11 @@ def test_dimension_errors_are_keras_messages(overrides):
     assert str(ours.value) == str(theirs.value)
 
 
-@pytest.mark.parametrize("config", ["int8", {"mode": "int4"}])
-def test_quantization_config_is_not_implemented(config):
-    with pytest.raises(NotImplementedError, match="does not support quantization"):
+@pytest.mark.parametrize(
+    "config", ["int8", {"mode": "int4"}, keras.quantizers.Float8QuantizationConfig()]
+)
+def test_quantization_config_must_be_an_int8_or_int4_config(config):
+    with pytest.raises(ValueError, match="`quantization_config` must be None, a"):
         Embedding(10, 4, quantization_config=config)
 
 

@@ -1,0 +1,157 @@
+"""Quantized tables: making them from a float table, reading rows back.
+
+The formats are those of `keras.layers.Embedding`, so checkpoints cross both
+ways:
+
+- int8: `embeddings` int8 `(input_dim, output_dim)` and one `embeddings_scale`
+  per row; a row reads back as `int8_row / scale`.
+- int4 per row (`block_size=None`): `embeddings` holds two int4 values per
+  byte, `(input_dim, ceil(output_dim / 2))`, low nibble first; one scale per
+  row, read back as for int8.
+- int4 grouped (`block_size > 0`, Keras's default of 128): each row is cut into
+  groups of `block_size` values, each with a scale and an int8 zero point,
+  `(input_dim, groups)`; a value reads back as `(int4 - zero) * scale`, and
+  `g_idx` (float32, `(output_dim,)`) names the group of each column.
+
+Reading back works on gathered rows only: a lookup of `n` ids touches `n`
+packed rows, never the `input_dim x output_dim` table that Keras unpacks on
+every int4 call.
+"""
+
+import math
+
+import keras
+import numpy as np
+from keras import ops
+
+MODES = ("int8", "int4")
+INT8_RANGE = (-127, 127)
+INT4_RANGE = (-8, 7)
+
+
+def packed_width(output_dim):
+    """Bytes per row of an int4 table: two values per byte, padded."""
+    return (output_dim + 1) // 2
+
+
+def group_count(output_dim, block_size):
+    return math.ceil(output_dim / block_size)
+
+
+def group_index(output_dim, block_size):
+    """The group of each column, as Keras stores it in `g_idx` (float32)."""
+    return (np.arange(output_dim) // block_size).astype("float32")
+
+
+def check_config(config):
+    """Raises `ValueError` unless `config` is `None` or an int8/int4 config."""
+    if config is None:
+        return
+    if not isinstance(config, keras.quantizers.QuantizationConfig) or (
+        config.mode not in MODES
+    ):
+        raise ValueError(
+            "`quantization_config` must be None, a "
+            "keras.quantizers.Int8QuantizationConfig or a "
+            "keras.quantizers.Int4QuantizationConfig: an Embedding quantizes "
+            f"to {MODES}. Received: quantization_config={config!r}."
+        )
+
+
+def block_size_of(config):
+    """The int4 group size of a config, `None` for one scale per row."""
+    block_size = getattr(config, "block_size", None)
+    return None if block_size in (None, -1) else block_size
+
+
+def quantize_table(table, mode, config, layer_name):
+    """Quantizes a float table on the host, as `keras.layers.Embedding` does.
+
+    Returns a dict of NumPy arrays named like the layer's variables
+    (`embeddings`, `embeddings_scale`, and for grouped int4 `embeddings_zero`).
+    """
+    table = np.asarray(table, dtype="float32")
+    if mode == "int4" and block_size_of(config) is not None:
+        # Groups run along each row: Keras quantizes the transposed table,
+        # whose grouped axis is 0.
+        values, scale, zero = keras.quantizers.abs_max_quantize_grouped_with_zero_point(
+            table.T,
+            block_size=block_size_of(config),
+            value_range=INT4_RANGE,
+            dtype="int8",
+            to_numpy=True,
+        )
+        values = ops.convert_to_numpy(values).T
+        return {
+            "embeddings": _pack_int4(values),
+            "embeddings_scale": ops.convert_to_numpy(scale).T,
+            "embeddings_zero": ops.convert_to_numpy(zero).T,
+        }
+    if mode == "int8":
+        default = keras.quantizers.AbsMaxQuantizer(axis=-1)
+    else:
+        default = keras.quantizers.AbsMaxQuantizer(
+            axis=-1, value_range=INT4_RANGE, output_dtype="int8"
+        )
+    quantizer = getattr(config, "weight_quantizer", None) or default
+    values, scale = quantizer(table, to_numpy=True)
+    values = ops.convert_to_numpy(values)
+    scale = ops.convert_to_numpy(scale)
+    if scale.shape not in ((table.shape[0], 1), (table.shape[0],)):
+        raise ValueError(
+            f"Layer '{layer_name}' cannot quantize its table with the "
+            f"weight_quantizer {quantizer!r}: it returned scales of shape "
+            f"{scale.shape}, but an Embedding needs one scale per row, "
+            f"{(table.shape[0], 1)}. Use a quantizer that reduces over the "
+            "last axis, e.g. keras.quantizers.AbsMaxQuantizer(axis=-1)."
+        )
+    scale = scale.reshape(table.shape[0])
+    if mode == "int4":
+        values = _pack_int4(values)
+    return {"embeddings": values, "embeddings_scale": scale}
+
+
+def dequantize_table(layer):
+    """The whole table as float32: an explicit, `input_dim x output_dim` step
+    for merging LoRA, never used by a lookup."""
+    return rows(layer, ops.arange(layer.input_dim))
+
+
+def rows(layer, index):
+    """Float32 rows of a quantized layer's table at `index` (any shape)."""
+    values = ops.take(layer._embeddings, index, axis=0)
+    scale = ops.cast(ops.take(layer.embeddings_scale, index, axis=0), "float32")
+    if layer.quantization_mode == "int4":
+        values = unpack_int4(values, layer.output_dim)
+    values = ops.cast(values, "float32")
+    block_size = getattr(layer, "_int4_block_size", None)
+    if block_size is None:
+        return ops.divide(values, ops.expand_dims(scale, axis=-1))
+    groups = group_index(layer.output_dim, block_size).astype("int32")
+    zero = ops.cast(ops.take(layer.embeddings_zero, index, axis=0), "float32")
+    zero = ops.take(zero, groups, axis=-1)
+    scale = ops.take(scale, groups, axis=-1)
+    return ops.multiply(ops.subtract(values, zero), scale)
+
+
+def unpack_int4(packed, output_dim):
+    """Unpacks the last axis of packed int4 bytes into int8 values in [-8, 7].
+
+    The same values as `keras.quantizers.unpack_int4(packed, output_dim,
+    axis=-1)`, without its two transposes: each output column reads its byte
+    and shifts by 0 (low nibble, even columns) or 4 (high nibble).
+    """
+    columns = np.arange(output_dim)
+    byte = ops.take(packed, columns // 2, axis=-1)
+    shift = ops.convert_to_tensor((columns % 2 * 4).astype("int8"))
+    nibble = ops.bitwise_and(ops.right_shift(byte, shift), 0x0F)
+    # Nibbles 8..15 are the negative values -8..-1.
+    eight = ops.convert_to_tensor(np.int8(8))
+    return ops.subtract(ops.bitwise_xor(ops.cast(nibble, "int8"), eight), eight)
+
+
+def _pack_int4(values):
+    packed, _, _ = keras.quantizers.pack_int4(
+        ops.convert_to_tensor(values, dtype="int8"), axis=-1
+    )
+    return ops.convert_to_numpy(packed)
