@@ -43,6 +43,20 @@ def group_index(output_dim, block_size):
     return (np.arange(output_dim) // block_size).astype("float32")
 
 
+def check_group_index(layer_name, g_idx, output_dim, block_size):
+    """Raises unless a checkpoint's `g_idx` is the one `block_size` makes."""
+    expected = group_index(output_dim, block_size)
+    if not np.array_equal(np.asarray(g_idx), expected):
+        raise ValueError(
+            f"Layer '{layer_name}' cannot load g_idx from the checkpoint: it "
+            f"should number the groups of {block_size} columns, "
+            f"{expected[: min(output_dim, 2 * block_size + 1)].tolist()}..., but "
+            f"holds {np.asarray(g_idx)[: min(output_dim, 2 * block_size + 1)].tolist()}"
+            "... The file is corrupt or was written for another int4 "
+            "block_size."
+        )
+
+
 def check_config(config):
     """Raises `ValueError` unless `config` is `None` or an int8/int4 config."""
     if config is None:
@@ -72,20 +86,11 @@ def quantize_table(table, mode, config, layer_name):
     """
     table = np.asarray(table, dtype="float32")
     if mode == "int4" and block_size_of(config) is not None:
-        # Groups run along each row: Keras quantizes the transposed table,
-        # whose grouped axis is 0.
-        values, scale, zero = keras.quantizers.abs_max_quantize_grouped_with_zero_point(
-            table.T,
-            block_size=block_size_of(config),
-            value_range=INT4_RANGE,
-            dtype="int8",
-            to_numpy=True,
-        )
-        values = ops.convert_to_numpy(values).T
+        values, scale, zero = _quantize_groups(table, block_size_of(config))
         return {
             "embeddings": _pack_int4(values),
-            "embeddings_scale": ops.convert_to_numpy(scale).T,
-            "embeddings_zero": ops.convert_to_numpy(zero).T,
+            "embeddings_scale": scale,
+            "embeddings_zero": zero,
         }
     if mode == "int8":
         default = keras.quantizers.AbsMaxQuantizer(axis=-1)
@@ -109,6 +114,34 @@ def quantize_table(table, mode, config, layer_name):
     if mode == "int4":
         values = _pack_int4(values)
     return {"embeddings": values, "embeddings_scale": scale}
+
+
+def _quantize_groups(table, block_size):
+    """Asymmetric int4 in groups of `block_size` along each row.
+
+    The arithmetic of `keras.quantizers.abs_max_quantize_grouped_with_zero_point`
+    (applied by Keras to the transposed table), with one difference: each
+    group's range is widened to include zero. Keras clips the zero point to
+    [-8, 7], so a group whose values share a sign (or a group of one value)
+    loses most of its range, and its values can come back wrong by their
+    whole magnitude. With zero in the range the zero point never clips and
+    every value comes back within half a step. Where a group's values already
+    straddle zero, the result is Keras's, bit for bit; the format is the same
+    either way, so Keras reads these tables correctly.
+    """
+    input_dim, output_dim = table.shape
+    groups = group_count(output_dim, block_size)
+    padded = np.zeros((input_dim, groups * block_size), dtype="float32")
+    padded[:, :output_dim] = table
+    padded = padded.reshape(input_dim, groups, block_size)
+    qmin, qmax = INT4_RANGE
+    low = np.minimum(padded.min(axis=-1, keepdims=True), 0)
+    high = np.maximum(padded.max(axis=-1, keepdims=True), 0)
+    scale = np.divide(np.subtract(high, low) + keras.backend.epsilon(), qmax - qmin)
+    zero = np.clip(np.round(np.divide(-low, scale)) + qmin, qmin, qmax)
+    values = np.clip(np.round(np.divide(padded, scale)) + zero, qmin, qmax)
+    values = values.reshape(input_dim, -1)[:, :output_dim].astype("int8")
+    return values, scale[..., 0].astype("float32"), zero[..., 0].astype("int8")
 
 
 def dequantize_table(layer):

@@ -567,6 +567,10 @@ class Embedding(keras.layers.Layer):
             "and quantization_config the checkpoint was saved with.",
         )
         base, lora = entries[: len(stored)], entries[len(stored) :]
+        if self._int4_block_size is not None:
+            _quantization.check_group_index(
+                self.name, base[3], self.output_dim, self._int4_block_size
+            )
         if not lora:
             self._assign_stored(base)
             if self.lora_enabled:
