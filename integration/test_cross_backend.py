@@ -13,7 +13,20 @@ import pytest
 from processes import BACKENDS
 
 PAIRS = list(itertools.product(BACKENDS, BACKENDS))
-MODELS = ("lstm", "pooled", "lora")
+MODELS = ("lstm", "pooled", "lora", "int8", "int4_grouped", "int4_lora")
+# What each model's `tokens` layer is after reloading.
+EXPECTED_LAYERS = {
+    "lstm": (None, "float32", ["embeddings"]),
+    "pooled": (None, "float32", ["embeddings"]),
+    "lora": (None, "float32", ["lora_embeddings_a", "lora_embeddings_b"]),
+    "int8": ("int8", "int8_from_float32", []),
+    "int4_grouped": ("int4", "int4/3_from_float32", []),
+    "int4_lora": (
+        "int4",
+        "int4/-1_from_float32",
+        ["lora_embeddings_a", "lora_embeddings_b"],
+    ),
+}
 OUR_CLASS = "keras_ext_embedding.embedding.Embedding"
 ADAPTERS = ["lora_embeddings_a", "lora_embeddings_b"]
 
@@ -55,15 +68,15 @@ def test_keras_file_reloads_on_every_backend(saved_everywhere, saver, loader, na
     layer = load_json(loaded / f"{name}_layer.json")
     assert layer["class"] == OUR_CLASS  # loaded without custom_objects
     assert layer["mask_zero"] is True
+    mode, policy, trainable = EXPECTED_LAYERS[name]
+    assert (layer["quantization_mode"], layer["dtype_policy"]) == (mode, policy)
+    assert layer["trainable"] == trainable
+    assert layer["lora_enabled"] is (trainable == ADAPTERS)
     if name == "lora":
-        assert layer["lora_enabled"] is True
         assert (layer["lora_rank"], layer["lora_alpha"]) == (4, 8)
-        assert layer["trainable"] == ADAPTERS
+    if trainable == ADAPTERS:
         for adapter in ADAPTERS:
             key_of(weights, adapter)
-    else:
-        assert layer["lora_enabled"] is False
-        assert layer["trainable"] == ["embeddings"]
 
 
 @pytest.mark.parametrize(("saver", "loader"), PAIRS)
@@ -80,13 +93,15 @@ def test_training_resumes_on_another_backend(saved_everywhere, saver, loader, na
 
     before = load_npz(reference / f"{name}_weights.npz")
     table = key_of(before, "embeddings")
-    if name == "lora":
-        # The step trained the adapters and left the frozen table alone.
+    trainable = EXPECTED_LAYERS[name][2]
+    if trainable == ["embeddings"]:
+        assert not np.array_equal(after[table], before[table])
+    else:
+        # The step left the frozen (or quantized) table alone.
         np.testing.assert_array_equal(after[table], before[table])
+    if trainable == ADAPTERS:
         b = key_of(before, "lora_embeddings_b")
         assert not np.array_equal(after[b], before[b])
-    else:
-        assert not np.array_equal(after[table], before[table])
 
 
 @pytest.mark.parametrize(("saver", "loader"), PAIRS)
@@ -109,6 +124,26 @@ def test_weights_file_from_ours_loads_into_keras_embedding(
     np.testing.assert_allclose(
         np.load(loaded / "ours_into_keras.npy"),
         np.load(saved_everywhere / saver / "our_layer_predictions.npy"),
+        atol=1e-6,
+    )
+
+
+@pytest.mark.parametrize(("saver", "loader"), PAIRS)
+@pytest.mark.parametrize(
+    ("loaded_file", "saved_file"),
+    [
+        ("keras_int8_into_ours.npy", "keras_int8_predictions.npy"),
+        ("our_int4_into_keras.npy", "our_int4_predictions.npy"),
+    ],
+    ids=["keras_int8_into_ours", "our_int4_into_keras"],
+)
+def test_quantized_weights_files_cross_with_keras_embedding(
+    saved_everywhere, saver, loader, loaded_file, saved_file
+):
+    loaded = saved_everywhere / saver / f"loaded_by_{loader}"
+    np.testing.assert_allclose(
+        np.load(loaded / loaded_file),
+        np.load(saved_everywhere / saver / saved_file),
         atol=1e-6,
     )
 

@@ -30,23 +30,34 @@ IDS = np.array([[1, 5, 9, 0, 0], [3, 3, 7, 11, 2]], dtype="int32")
 UNPADDED = IDS[:1, :3]
 TARGET = np.array([[0.5], [-1.0]], dtype="float32")
 # Saved as whole models (.keras), each with Embedding(mask_zero=True).
+# `quantize` is `(mode, int4 block_size)`: the table is quantized after build.
 MODELS = {
     "lstm": {"encoder": "lstm"},
     "pooled": {"encoder": "pooled"},
     "lora": {"encoder": "lstm", "lora_rank": 4, "lora_alpha": 8},
+    "int8": {"encoder": "lstm", "quantize": ("int8", None)},
+    "int4_grouped": {"encoder": "pooled", "quantize": ("int4", 3)},
+    "int4_lora": {"encoder": "lstm", "quantize": ("int4", None), "lora_rank": 2},
 }
 
+INT8, INT4_GROUPED = MODELS["int8"]["quantize"], MODELS["int4_grouped"]["quantize"]
 
-def text_model(layer_cls, encoder="lstm", **kwargs):
+
+def text_model(layer_cls, encoder="lstm", quantize=None, **kwargs):
     inputs = keras.Input((None,), dtype="int32", name="ids")
-    x = layer_cls(INPUT_DIM, OUTPUT_DIM, mask_zero=True, name="tokens", **kwargs)(
-        inputs
-    )
+    layer = layer_cls(INPUT_DIM, OUTPUT_DIM, mask_zero=True, name="tokens", **kwargs)
+    x = layer(inputs)
     if encoder == "lstm":
         x = keras.layers.LSTM(4, name="encoder")(x)
     else:
         x = keras.layers.GlobalAveragePooling1D(name="encoder")(x)
     outputs = keras.layers.Dense(1, name="head")(x)
+    if quantize is not None:
+        mode, block_size = quantize
+        config = None
+        if mode == "int4":
+            config = keras.quantizers.Int4QuantizationConfig(block_size=block_size)
+        layer.quantize(mode, config=config)
     return keras.Model(inputs, outputs)
 
 
@@ -67,6 +78,8 @@ def describe(layer):
         "lora_enabled": getattr(layer, "lora_enabled", False),
         "lora_rank": layer.lora_rank,
         "lora_alpha": layer.lora_alpha,
+        "quantization_mode": layer.quantization_mode,
+        "dtype_policy": layer.dtype_policy.name,
         "trainable": [w.name for w in layer.trainable_weights],
     }
 
@@ -133,8 +146,9 @@ def save(root):
     out = root / BACKEND
     out.mkdir(parents=True, exist_ok=True)
     models = {name: text_model(Embedding, **kw) for name, kw in MODELS.items()}
-    for _ in range(2):  # the LoRA model is saved mid fine-tuning
+    for _ in range(2):  # LoRA models are saved mid fine-tuning
         sgd_step(models["lora"])
+        sgd_step(models["int4_lora"])
     for name, model in models.items():
         model.save(out / f"{name}.keras")
 
@@ -144,6 +158,14 @@ def save(root):
     ours = text_model(Embedding)
     ours.save_weights(out / "our_layer.weights.h5")
     np.save(out / "our_layer_predictions.npy", ours.predict(IDS, verbose=0))
+    # Quantized checkpoints cross too: Keras's int8 into ours, ours (int4 in
+    # groups of 3) into Keras's.
+    theirs = text_model(keras.layers.Embedding, quantize=INT8)
+    theirs.save_weights(out / "keras_int8.weights.h5")
+    np.save(out / "keras_int8_predictions.npy", theirs.predict(IDS, verbose=0))
+    ours = text_model(Embedding, quantize=INT4_GROUPED)
+    ours.save_weights(out / "our_int4.weights.h5")
+    np.save(out / "our_int4_predictions.npy", ours.predict(IDS, verbose=0))
 
     # The saving backend's own results, from the models still in memory.
     for name, model in models.items():
@@ -164,6 +186,12 @@ def load(root):
         theirs = text_model(keras.layers.Embedding)
         theirs.load_weights(saved / "our_layer.weights.h5")
         np.save(out / "ours_into_keras.npy", theirs.predict(IDS, verbose=0))
+        ours = text_model(Embedding, quantize=INT8)
+        ours.load_weights(saved / "keras_int8.weights.h5")
+        np.save(out / "keras_int8_into_ours.npy", ours.predict(IDS, verbose=0))
+        theirs = text_model(keras.layers.Embedding, quantize=INT4_GROUPED)
+        theirs.load_weights(saved / "our_int4.weights.h5")
+        np.save(out / "our_int4_into_keras.npy", theirs.predict(IDS, verbose=0))
 
 
 if __name__ == "__main__":
