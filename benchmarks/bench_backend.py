@@ -9,9 +9,10 @@ hits both alike. Prints one JSON object on stdout.
     KERAS_BACKEND=jax python benchmarks/bench_backend.py --quick
     KERAS_BACKEND=torch python benchmarks/bench_backend.py --memory ours
 
-`--memory IMPL` measures instead the peak resident memory that one LoRA
-forward pass adds, for one implementation (`ours` or `keras`), in a process of
-its own: a peak, once reached, hides every smaller one after it.
+`--memory IMPL` measures instead the peak resident memory that one forward
+pass adds, for one implementation (`ours` or `keras`) and one `--memory-case`
+(`lora`, `int4`, `int4_lora`), in a process of its own: a peak, once reached,
+hides every smaller one after it.
 """
 
 import argparse
@@ -252,6 +253,135 @@ def bench_lora_forward(args, report, ids, ours, theirs):
         )
 
 
+QUANTIZED_INPUT_DIM = 1_000_000
+# (label, mode, Int4QuantizationConfig block_size): Keras's int8, its int4
+# with one scale per row, and its default int4 (groups of 128).
+QUANTIZED_CONFIGS = [
+    ("int8", "int8", None),
+    ("int4 per row", "int4", None),
+    ("int4 block 128", "int4", 128),
+]
+
+
+def quantization_config(mode, block_size):
+    if mode == "int8":
+        return None
+    return keras.quantizers.Int4QuantizationConfig(block_size=block_size)
+
+
+def quantized_pair(input_dim, mode, block_size, lora_rank=None):
+    """Ours and Keras's layer quantized alike from the same float table."""
+    ours, theirs = build_pair(input_dim)
+    for layer in (ours, theirs):
+        layer.quantize(mode, config=quantization_config(mode, block_size))
+        if lora_rank:
+            layer.enable_lora(lora_rank)
+    if lora_rank:
+        rng = np.random.default_rng(SEED)
+        b = rng.normal(size=(lora_rank, OUTPUT_DIM)).astype("float32") * 0.01
+        for layer in (ours, theirs):
+            layer.lora_embeddings_b.assign(b)
+            layer.lora_embeddings_a.assign(ops.convert_to_numpy(ours.lora_embeddings_a))
+    return ours, theirs
+
+
+def variable_bytes(layer):
+    return sum(
+        int(np.prod(v.shape))
+        * np.dtype(keras.backend.standardize_dtype(v.dtype)).itemsize
+        for v in layer.weights
+    )
+
+
+def bench_quantized_lookup(args, report, table_report):
+    """int8 and int4 lookups against Keras's, and the bytes of each table."""
+    input_dim = 100_000 if args.quick else QUANTIZED_INPUT_DIM
+    reps = 5 if args.quick else 30
+    ids = ops.convert_to_tensor(make_ids(input_dim))
+    float_bytes = input_dim * OUTPUT_DIM * 4
+    for label, mode, block_size in QUANTIZED_CONFIGS:
+        ours, theirs = quantized_pair(input_dim, mode, block_size)
+        check_same(ours, theirs, ids)
+        table_report(
+            config=label,
+            input_dim=input_dim,
+            ours_bytes=variable_bytes(ours),
+            keras_bytes=variable_bytes(theirs),
+            float32_bytes=float_bytes,
+        )
+        forwards = {"eager": (ours.__call__, theirs.__call__)}
+        theirs_compiled = compiled_forwards(theirs)
+        for compiled_mode, forward in compiled_forwards(ours).items():
+            forwards[compiled_mode] = (forward, theirs_compiled[compiled_mode])
+        for call_mode, (mine, other) in forwards.items():
+            result = compare(
+                lambda mine=mine: mine(ids),
+                lambda other=other: other(ids),
+                reps,
+                2,
+                settle=mode == "int4",
+            )
+            if mode == "int8":
+                target, met = "ratio <= 1.20", result["ratio"] <= 1.20
+            else:
+                target = "speedup >= 20x at 1M rows"
+                met = None if args.quick else 1 / result["ratio"] >= 20
+            report(
+                case=f"{label} lookup",
+                mode=call_mode,
+                variant="raise",
+                input_dim=input_dim,
+                target=target,
+                met=met,
+                **result,
+            )
+        del ours, theirs
+        gc.collect()
+
+
+def bench_quantized_lora(args, report):
+    """LoRA on our int8 and int4 tables against LoRA on Keras's int8 (and,
+    for information, Keras's int4)."""
+    input_dim = 100_000 if args.quick else QUANTIZED_INPUT_DIM
+    reps = 5 if args.quick else 30
+    ids = ops.convert_to_tensor(make_ids(input_dim))
+    ours_int8, keras_int8 = quantized_pair(input_dim, "int8", None, LORA_RANK)
+    check_same(ours_int8, keras_int8, ids)
+    ours_int4, keras_int4 = quantized_pair(input_dim, "int4", 128, LORA_RANK)
+    check_same(ours_int4, keras_int4, ids)
+    cases = [
+        ("int8 LoRA", ours_int8, keras_int8, "vs keras int8 LoRA"),
+        ("int4 LoRA", ours_int4, keras_int8, "vs keras int8 LoRA"),
+        ("int4 LoRA", ours_int4, keras_int4, "vs keras int4 LoRA"),
+    ]
+    for label, ours, theirs, against in cases:
+        forwards = {"eager": (ours.__call__, theirs.__call__)}
+        theirs_compiled = compiled_forwards(theirs)
+        for compiled_mode, forward in compiled_forwards(ours).items():
+            forwards[compiled_mode] = (forward, theirs_compiled[compiled_mode])
+        for call_mode, (mine, other) in forwards.items():
+            result = compare(
+                lambda mine=mine: mine(ids),
+                lambda other=other: other(ids),
+                reps,
+                2,
+                settle=True,
+            )
+            if "int8" in against:
+                target, met = "ratio <= 1.10", result["ratio"] <= 1.10
+            else:
+                target, met = "none (for information)", None
+            report(
+                case=f"{label} forward {against}",
+                mode=call_mode,
+                variant="raise",
+                input_dim=input_dim,
+                target=target,
+                met=met,
+                **result,
+            )
+
+
 def train_model(layer):
     inputs = keras.Input(BATCH_SHAPE[1:], dtype="int32")
     outputs = keras.layers.GlobalAveragePooling1D()(layer(inputs))
@@ -295,6 +425,7 @@ def bench_lora_train(args, report, ids, ours, theirs):
 
 def bench(args):
     rows = []
+    tables = []
 
     def report(**row):
         rows.append(row)
@@ -311,6 +442,9 @@ def bench(args):
     cases = args.cases.split(",")
     if "lookup" in cases:
         bench_lookup(args, report)
+    if "quantized" in cases:
+        bench_quantized_lookup(args, report, lambda **row: tables.append(row))
+        bench_quantized_lora(args, report)
     if "lora_forward" in cases or "lora_train" in cases:
         input_dim = 100_000 if args.quick else 1_000_000
         ids = ops.convert_to_tensor(make_ids(input_dim))
@@ -319,7 +453,12 @@ def bench(args):
             bench_lora_forward(args, report, ids, ours, theirs)
         if "lora_train" in cases:
             bench_lora_train(args, report, ids, ours, theirs)
-    return {"backend": BACKEND, "versions": versions(), "rows": rows}
+    return {
+        "backend": BACKEND,
+        "versions": versions(),
+        "rows": rows,
+        "table_bytes": tables,
+    }
 
 
 def versions():
@@ -388,11 +527,16 @@ def memory(args):
     }[args.memory]
 
     def make(vocabulary):
-        layer = layer_class(vocabulary, OUTPUT_DIM, lora_rank=LORA_RANK)
+        layer = layer_class(vocabulary, OUTPUT_DIM)
         layer.build()
-        rng = np.random.default_rng(SEED)
-        b = rng.normal(size=(LORA_RANK, OUTPUT_DIM)).astype("float32") * 0.01
-        layer.lora_embeddings_b.assign(b)
+        if args.memory_case != "lora":
+            # Keras's default int4: groups of 128 values.
+            layer.quantize("int4")
+        if args.memory_case != "int4":
+            layer.enable_lora(LORA_RANK)
+            rng = np.random.default_rng(SEED)
+            b = rng.normal(size=(LORA_RANK, OUTPUT_DIM)).astype("float32") * 0.01
+            layer.lora_embeddings_b.assign(b)
         return layer
 
     ids_small = ops.convert_to_tensor(make_ids(1000))
@@ -412,8 +556,14 @@ def memory(args):
     return {
         "backend": BACKEND,
         "impl": args.memory,
+        "case": args.memory_case,
         "input_dim": input_dim,
-        "table_mb": input_dim * OUTPUT_DIM * 4 / 2**20,
+        # The size of an input_dim x output_dim temporary: float32 for the
+        # float LoRA table, int8 for an unpacked int4 table.
+        "table_mb": input_dim
+        * OUTPUT_DIM
+        * (4 if args.memory_case == "lora" else 1)
+        / 2**20,
         "output_mb": float(np.prod(ops.shape(outputs))) * 4 / 2**20,
         "rss_before_mb": before_current,
         "peak_before_mb": before_peak,
@@ -428,10 +578,16 @@ def main():
     parser.add_argument("--quick", action="store_true", help="smoke mode")
     parser.add_argument(
         "--cases",
-        default="lookup,lora_forward,lora_train",
-        help="comma-separated: lookup, lora_forward, lora_train",
+        default="lookup,lora_forward,lora_train,quantized",
+        help="comma-separated: lookup, lora_forward, lora_train, quantized",
     )
     parser.add_argument("--memory", choices=("ours", "keras"))
+    parser.add_argument(
+        "--memory-case",
+        choices=("lora", "int4", "int4_lora"),
+        default="lora",
+        help="the layer whose forward pass --memory measures",
+    )
     parser.add_argument(
         "--skip-torch-compile",
         action="store_true",

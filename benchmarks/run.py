@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import datetime
 import importlib.metadata
+import itertools
 import json
 import os
 import platform
@@ -117,21 +118,48 @@ def speed_table(results):
     return "\n".join(lines)
 
 
+MEMORY_CASES = {
+    "lora": "float32 table, LoRA",
+    "int4": "int4 table (groups of 128)",
+    "int4_lora": "int4 table, LoRA",
+}
+
+
 def memory_table(memory):
     lines = [
-        "| backend | layer | peak RSS increase (MiB) | table (MiB) | output (MiB) | "
-        "table-sized temporary |",
-        "|---|---|---:|---:|---:|---|",
+        "| backend | case | layer | peak RSS increase (MiB) "
+        "| input_dim x output_dim (MiB) | output (MiB) | table-sized temporary |",
+        "|---|---|---|---:|---:|---:|---|",
     ]
     for entry in memory:
         # A temporary the size of the table shows as an increase of at least
         # half the table; ours should stay near the output size.
         temporary = entry["peak_increase_mb"] >= entry["table_mb"] / 2
         lines.append(
-            f"| {entry['backend']} | {entry['impl']} | "
+            f"| {entry['backend']} | {MEMORY_CASES[entry['case']]} | {entry['impl']} | "
             f"{entry['peak_increase_mb']:.1f} | {entry['table_mb']:.0f} | "
             f"{entry['output_mb']:.1f} | {'yes' if temporary else 'no'} |"
         )
+    return "\n".join(lines)
+
+
+def table_bytes_table(results):
+    lines = [
+        "| backend | table | input_dim | ours (MiB) | keras (MiB) "
+        "| float32 (MiB) | float32/ours | target | met |",
+        "|---|---|---:|---:|---:|---:|---:|---|---|",
+    ]
+    targets = {"int8": 3.8, "int4 per row": 7.4, "int4 block 128": 7.4}
+    for result in results:
+        for row in result.get("table_bytes", []):
+            smaller = row["float32_bytes"] / row["ours_bytes"]
+            target = targets[row["config"]]
+            lines.append(
+                f"| {result['backend']} | {row['config']} | {row['input_dim']:,} "
+                f"| {row['ours_bytes'] / 2**20:.1f} | {row['keras_bytes'] / 2**20:.1f} "
+                f"| {row['float32_bytes'] / 2**20:.1f} | {smaller:.2f}x "
+                f"| >= {target}x | {verdict(smaller >= target)} |"
+            )
     return "\n".join(lines)
 
 
@@ -182,19 +210,31 @@ of medians are steadier than the absolute times. Differences within about
 
 {speed_table(results)}
 
-## Peak memory of one LoRA forward pass
+## Table memory of the quantized layers
 
-`input_dim={memory_dim}`, `output_dim=128`, rank 8: the table alone is
-`input_dim x 128` float32 (1M rows: 488 MiB = 512 MB). Each row is a fresh
-process (one per backend and layer). Imports and first-call setup run on a
-small layer; then the LoRA layer is built, its variables are waited for, and
-the process waits until its resident set size stays put for a second (JAX
-computes and frees the initializer's gigabyte of temporaries asynchronously,
-after `build()` returns). Then the peak resident set size is lowered to the
-current one (`/proc/self/clear_refs`) and the increase of the peak
-(`resource.getrusage(...).ru_maxrss`) over one eager forward pass is
-reported. Memory an allocator reuses without asking the OS does not show, so
-an increase is a lower bound of what the pass allocates.
+The bytes of every variable of the layer (quantized table, scales, zero
+points, `g_idx`), against the float32 table, `output_dim=128`. Ours and
+Keras's hold the same variables.
+
+{table_bytes_table(results)}
+
+## Peak memory of one forward pass
+
+`input_dim={memory_dim}`, `output_dim=128`, LoRA rank 8. Cases: a float32
+table with LoRA (the table alone is 488 MiB at 1M rows), an int4 table in
+Keras's default groups of 128, and the int4 table with LoRA. Each row is a
+fresh process (one per backend, case and layer). Imports and first-call setup
+run on a small layer; then the layer is built (and quantized), its variables
+are waited for, and the process waits until its resident set size stays put
+for a second (JAX computes and frees the initializer's gigabyte of
+temporaries asynchronously, after `build()` returns). Then the peak resident
+set size is lowered to the current one (`/proc/self/clear_refs`) and the
+increase of the peak (`resource.getrusage(...).ru_maxrss`) over one eager
+forward pass is reported. Memory an allocator reuses without asking the OS
+does not show, so an increase is a lower bound of what the pass allocates.
+"table-sized temporary" means an increase of at least half an
+`input_dim x output_dim` array in the dtype such a temporary would have:
+float32 for the float table, int8 for an unpacked int4 table.
 
 {memory_rows}
 
@@ -223,6 +263,16 @@ Target: ours adds no `input_dim x output_dim` temporary, Keras's does:
   itself does not compile on PyTorch by default.
 - **lora_forward**: `lora_rank=8` for both layers, with a non-zero `B` so
   that the delta is real work; eager and compiled as above.
+- **int8 / int4 lookup**: no LoRA, `input_dim=1,000,000` (100,000 with
+  `--quick`); both layers quantized alike from the same float table with
+  `quantize(mode, config=...)`: int8, int4 with one scale per row
+  (`block_size=None`), and int4 in Keras's default groups of 128. Keras's
+  int4 call unpacks the whole table before its gather; ours gathers the packed
+  rows and unpacks those.
+- **int8 / int4 LoRA forward**: the same quantized tables with `enable_lora(8)`
+  and a non-zero `B`; ours on int8 and on int4 (groups of 128) against Keras's
+  LoRA on int8 (the target), and ours on int4 against Keras's on int4 (for
+  information).
 - **lora_train**: `Input -> Embedding(lora_rank=8) -> GlobalAveragePooling1D`,
   `compile(SGD(0.01), "mse")`, one `model.train_on_batch(ids, targets)` per
   repetition. Keras's default execution per backend: XLA on JAX,
@@ -276,15 +326,19 @@ def main():
     memory = []
     if not args.no_memory:
         for backend in backends:
-            for impl in ("ours", "keras"):
-                print(f"[{backend}] peak memory, {impl}", flush=True)
-                entry = run_bench(backend, [*quick, "--memory", impl])
+            for case, impl in itertools.product(MEMORY_CASES, ("ours", "keras")):
+                print(f"[{backend}] peak memory, {case}, {impl}", flush=True)
+                entry = run_bench(
+                    backend, [*quick, "--memory", impl, "--memory-case", case]
+                )
                 print(f"  {entry['peak_increase_mb']:.1f} MB", flush=True)
                 memory.append(entry)
     seconds = time.monotonic() - start
 
     print()
     print(speed_table(results))
+    print()
+    print(table_bytes_table(results))
     if memory:
         print()
         print(memory_table(memory))

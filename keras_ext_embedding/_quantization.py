@@ -153,34 +153,68 @@ def dequantize_table(layer):
 def rows(layer, index):
     """Float32 rows of a quantized layer's table at `index` (any shape)."""
     values = ops.take(layer._embeddings, index, axis=0)
-    scale = ops.cast(ops.take(layer.embeddings_scale, index, axis=0), "float32")
-    if layer.quantization_mode == "int4":
+    scale = ops.take(layer.embeddings_scale, index, axis=0)
+    if keras.backend.standardize_dtype(scale.dtype) != "float32":
+        scale = ops.cast(scale, "float32")
+    if layer._quantized_mode == "int4":
         values = unpack_int4(values, layer.output_dim)
-    values = ops.cast(values, "float32")
-    block_size = getattr(layer, "_int4_block_size", None)
+    block_size = layer._int4_block_size
     if block_size is None:
-        return ops.divide(values, ops.expand_dims(scale, axis=-1))
-    groups = group_index(layer.output_dim, block_size).astype("int32")
-    zero = ops.cast(ops.take(layer.embeddings_zero, index, axis=0), "float32")
-    zero = ops.take(zero, groups, axis=-1)
-    scale = ops.take(scale, groups, axis=-1)
-    return ops.multiply(ops.subtract(values, zero), scale)
+        return ops.divide(ops.cast(values, "float32"), ops.expand_dims(scale, -1))
+    zero = ops.take(layer.embeddings_zero, index, axis=0)
+    return _dequantize_groups(values, scale, zero, layer.output_dim, block_size)
+
+
+def _dequantize_groups(values, scale, zero, output_dim, block_size):
+    """`(values - zero) * scale`, each column with its group's zero and scale.
+
+    The zero point is subtracted in int8 (values and zero points both lie in
+    [-8, 7]), before the one cast to float32.
+    """
+    groups = group_count(output_dim, block_size)
+    if groups == 1:
+        centered = ops.subtract(values, zero)
+        return ops.multiply(ops.cast(centered, "float32"), scale)
+    if output_dim == groups * block_size:
+        # Whole groups: broadcast each group's zero and scale over its columns.
+        leading = _leading_shape(values)
+        grouped = ops.reshape(values, (*leading, groups, block_size))
+        centered = ops.subtract(grouped, ops.expand_dims(zero, -1))
+        rows = ops.multiply(ops.cast(centered, "float32"), ops.expand_dims(scale, -1))
+        return ops.reshape(rows, (*leading, output_dim))
+    columns = group_index(output_dim, block_size).astype("int32")
+    centered = ops.subtract(values, ops.take(zero, columns, axis=-1))
+    return ops.multiply(
+        ops.cast(centered, "float32"), ops.take(scale, columns, axis=-1)
+    )
 
 
 def unpack_int4(packed, output_dim):
     """Unpacks the last axis of packed int4 bytes into int8 values in [-8, 7].
 
-    The same values as `keras.quantizers.unpack_int4(packed, output_dim,
-    axis=-1)`, without its two transposes: each output column reads its byte
-    and shifts by 0 (low nibble, even columns) or 4 (high nibble).
+    The values of `keras.quantizers.unpack_int4(packed, output_dim, axis=-1)`
+    in three integer ops instead of Keras's masks, two transposes and sign
+    fix-ups: a lookup runs this on every call. Shifts of int8 are arithmetic
+    (they keep the sign): `byte >> 4` is the high nibble as a signed value,
+    and `(byte << 4) >> 4` the low one (the left shift drops the high
+    nibble's bits, wrapping in 8 bits as on every CPU and GPU).
     """
-    columns = np.arange(output_dim)
-    byte = ops.take(packed, columns // 2, axis=-1)
-    shift = ops.convert_to_tensor((columns % 2 * 4).astype("int8"))
-    nibble = ops.bitwise_and(ops.right_shift(byte, shift), 0x0F)
-    # Nibbles 8..15 are the negative values -8..-1.
-    eight = ops.convert_to_tensor(np.int8(8))
-    return ops.subtract(ops.bitwise_xor(ops.cast(nibble, "int8"), eight), eight)
+    low = ops.right_shift(ops.left_shift(packed, 4), 4)
+    high = ops.right_shift(packed, 4)
+    pairs = ops.stack([low, high], axis=-1)
+    values = ops.reshape(pairs, (*_leading_shape(packed), 2 * packed.shape[-1]))
+    if 2 * packed.shape[-1] != output_dim:
+        values = values[..., :output_dim]
+    return values
+
+
+def _leading_shape(x):
+    """All but the last dimension: static where known, else a tensor's
+    (a TensorFlow graph with an unknown batch size)."""
+    static = tuple(x.shape[:-1])
+    if None not in static:
+        return static
+    return tuple(ops.shape(x)[:-1])
 
 
 def _pack_int4(values):

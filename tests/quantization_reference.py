@@ -50,9 +50,7 @@ def dequantized_table(layer):
     values = values.astype("float64")
     if scale.ndim == 1:
         return values / scale[:, None]
-    block_size = layer.output_dim // scale.shape[1]
-    block_size = int(np.ceil(layer.output_dim / scale.shape[1]))
-    groups = np.arange(layer.output_dim) // block_size
+    groups = raw(layer.g_idx).astype("int64")  # the group of each column
     zero = raw(layer.embeddings_zero).astype("float64")
     return (values - zero[:, groups]) * scale[:, groups]
 
@@ -64,6 +62,4 @@ def step_sizes(layer):
         return np.broadcast_to(
             1.0 / scale[:, None], (layer.input_dim, layer.output_dim)
         )
-    block_size = int(np.ceil(layer.output_dim / scale.shape[1]))
-    groups = np.arange(layer.output_dim) // block_size
-    return scale[:, groups]
+    return scale[:, raw(layer.g_idx).astype("int64")]

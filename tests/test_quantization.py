@@ -113,6 +113,25 @@ def test_lookup_equals_numpy_reference(mode, block_size, shape, rng):
         np.testing.assert_array_equal(model.predict(ids, verbose=0), numpy_of(out))
 
 
+@pytest.mark.parametrize("block_size", [1, 4, 5, 16, 128])
+def test_every_int4_group_layout_equals_numpy_reference(block_size, rng):
+    """Groups of one value, whole groups, a partial last group, one group."""
+    layer = Embedding(VOCAB, 16)
+    layer.build()
+    layer.embeddings.assign(rng.normal(size=(VOCAB, 16)).astype("float32"))
+    layer.quantize(
+        "int4", config=keras.quantizers.Int4QuantizationConfig(block_size=block_size)
+    )
+    ids = rng.integers(0, VOCAB, size=(2, 3, 4))
+    expected = dequantized_table(layer)[ids]
+    np.testing.assert_allclose(numpy_of(layer(ids)), expected, rtol=1e-6, atol=1e-7)
+    # A model whose batch size and sequence length are unknown when traced.
+    model = keras.Sequential([keras.Input((None,), dtype="int32"), layer])
+    np.testing.assert_allclose(
+        model.predict(ids[0], verbose=0), expected[0], rtol=1e-6, atol=1e-7
+    )
+
+
 @pytest.mark.parametrize(("mode", "block_size"), CONFIGS, ids=CONFIG_IDS)
 @pytest.mark.parametrize("values", ["normal", "positive", "one_value_groups"])
 def test_error_against_float_table_is_half_a_step(mode, block_size, values, rng):
