@@ -527,11 +527,13 @@ def memory(args):
     }[args.memory]
 
     def make(vocabulary):
-        layer = layer_class(vocabulary, OUTPUT_DIM)
+        # An int4 layer is built quantized (Keras's default groups of 128),
+        # never holding a float table: TensorFlow's allocator would keep the
+        # freed float table and serve the forward pass's temporaries from it,
+        # unseen by the resident set size.
+        dtype = None if args.memory_case == "lora" else "int4/128_from_float32"
+        layer = layer_class(vocabulary, OUTPUT_DIM, dtype=dtype)
         layer.build()
-        if args.memory_case != "lora":
-            # Keras's default int4: groups of 128 values.
-            layer.quantize("int4")
         if args.memory_case != "int4":
             layer.enable_lora(LORA_RANK)
             rng = np.random.default_rng(SEED)

@@ -224,10 +224,13 @@ Keras's hold the same variables.
 table with LoRA (the table alone is 488 MiB at 1M rows), an int4 table in
 Keras's default groups of 128, and the int4 table with LoRA. Each row is a
 fresh process (one per backend, case and layer). Imports and first-call setup
-run on a small layer; then the layer is built (and quantized), its variables
-are waited for, and the process waits until its resident set size stays put
-for a second (JAX computes and frees the initializer's gigabyte of
-temporaries asynchronously, after `build()` returns). Then the peak resident
+run on a small layer; then the layer is built (an int4 layer directly with
+the dtype policy `int4/128_from_float32`: quantizing a float table first
+would leave TensorFlow's allocator holding the freed table, and the forward
+pass's temporaries would reuse it unseen), its variables are waited for,
+and the process waits until its resident set size stays put for a second
+(JAX computes and frees the initializer's gigabyte of temporaries
+asynchronously, after `build()` returns). Then the peak resident
 set size is lowered to the current one (`/proc/self/clear_refs`) and the
 increase of the peak (`resource.getrusage(...).ru_maxrss`) over one eager
 forward pass is reported. Memory an allocator reuses without asking the OS
