@@ -164,6 +164,39 @@ def save_and_reload(classifier, ids, checkpoint, finetuned_predictions, director
     print(f"predictions, before merge vs reloaded: max abs difference {diff}")
 
 
+def quantize_for_serving(classifier, ids, directory):
+    section("(g) int4 quantization: a smaller table, the same lookups")
+    tokens = classifier.get_layer("tokens")
+    float_bytes = variable_bytes(tokens)
+    before = classifier.predict(ids, verbose=0)
+    # Keras's default int4: a scale and a zero point per group of 128 values.
+    tokens.quantize("int4")
+    print(
+        f"'tokens' quantized: dtype policy {tokens.dtype_policy.name}, "
+        f"variables {[w.name for w in tokens.weights]}"
+    )
+    print(
+        f"table bytes: {float_bytes:,} float32 -> {variable_bytes(tokens):,} "
+        f"int4 ({float_bytes / variable_bytes(tokens):.1f}x smaller)"
+    )
+    after = classifier.predict(ids, verbose=0)
+    diff = max_abs_diff(before, after)
+    print(f"predictions, float vs int4 table: max abs difference {diff:.4f}")
+    path = os.path.join(directory, "int4.keras")
+    classifier.save(path)
+    reloaded = keras.saving.load_model(path, compile=False)
+    diff = max_abs_diff(after, reloaded.predict(ids, verbose=0))
+    print(f"int4 model saved and reloaded: max abs difference {diff}")
+
+
+def variable_bytes(layer):
+    return sum(
+        int(np.prod(w.shape))
+        * np.dtype(keras.backend.standardize_dtype(w.dtype)).itemsize
+        for w in layer.weights
+    )
+
+
 def main():
     keras.utils.set_random_seed(0)
     print(
@@ -177,6 +210,7 @@ def main():
     with tempfile.TemporaryDirectory() as directory:
         checkpoint, finetuned_predictions = merge(classifier, ids, directory)
         save_and_reload(classifier, ids, checkpoint, finetuned_predictions, directory)
+        quantize_for_serving(classifier, ids, directory)
 
 
 if __name__ == "__main__":

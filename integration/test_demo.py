@@ -15,3 +15,5 @@ def test_quickstart_runs(backend):
     assert "InvalidIdError: Layer 'tokens' received an invalid id 1000" in output
     assert "base table unchanged by training: True" in output
     assert "predictions, original vs reloaded: max abs difference 0.0" in output
+    assert "dtype policy int4/128_from_float32" in output
+    assert "int4 model saved and reloaded: max abs difference 0.0" in output

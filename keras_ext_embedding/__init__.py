@@ -1,8 +1,10 @@
 """keras_ext_embedding: a drop-in `keras.layers.Embedding`, safe on bad ids,
-fast with LoRA and lossless when saved, on TensorFlow, JAX and PyTorch."""
+fast with LoRA and quantization, and lossless when saved, on TensorFlow, JAX
+and PyTorch."""
 
+from keras_ext_embedding._replace import replace_embeddings
 from keras_ext_embedding.embedding import Embedding
 from keras_ext_embedding.errors import InvalidIdError
 
 __version__ = "0.1.0"
-__all__ = ["Embedding", "InvalidIdError", "__version__"]
+__all__ = ["Embedding", "InvalidIdError", "__version__", "replace_embeddings"]

@@ -1,0 +1,149 @@
+"""Upgrading existing models: every `keras.layers.Embedding` becomes ours."""
+
+import contextlib
+
+import keras
+
+from keras_ext_embedding.embedding import Embedding
+
+
+def replace_embeddings(model, **overrides):
+    """Returns `model` with every `keras.layers.Embedding` replaced by ours.
+
+    Each replacement is `keras_ext_embedding.Embedding.from_config` of the
+    Keras layer's config (the same name, dimensions, `mask_zero`, dtype
+    policy, LoRA rank and alpha, quantization) with the Keras layer's
+    variables assigned, so the model's outputs stay the same (bit for bit
+    without LoRA; with LoRA up to float32 rounding, as ours adds the adapters
+    row by row). Layers that subclass `keras.layers.Embedding` are left alone:
+    their call may differ.
+
+    - A Functional or Sequential model is cloned (`keras.models.clone_model`,
+      nested Functional and Sequential models included): the original model
+      is not changed. Every other layer of the clone is a fresh layer from its
+      config with the original's weights.
+    - A subclassed model cannot be cloned by Keras: its Embedding layers (also
+      inside its sub-layers, lists and dicts) are replaced in place, and the
+      same model object is returned.
+
+    Compile the returned model before training it: the optimizer state of the
+    original is not carried over.
+
+    Example:
+
+    >>> inputs = keras.Input((None,), dtype="int32")
+    >>> x = keras.layers.Embedding(1000, 16, name="tokens")(inputs)
+    >>> model = keras.Model(inputs, keras.layers.GlobalAveragePooling1D()(x))
+    >>> upgraded = keras_ext_embedding.replace_embeddings(model)
+    >>> type(upgraded.get_layer("tokens")).__module__
+    'keras_ext_embedding.embedding'
+
+    Args:
+        model: A built `keras.Model`.
+        **overrides: Arguments of `keras_ext_embedding.Embedding` to set on
+            every replacement, e.g. `invalid_ids="zeros"`.
+
+    Returns:
+        The model with our Embedding layers.
+    """
+    if not isinstance(model, keras.Model):
+        raise ValueError(
+            "`replace_embeddings` expects a keras.Model. Received: "
+            f"model={model!r} (of type {type(model).__name__})."
+        )
+    if not model.built:
+        raise ValueError(
+            f"Model '{model.name}' is not built: its Embedding layers have no "
+            "weights to carry over yet. Build the model (call it once, or "
+            "`model.build(input_shape)`) before `replace_embeddings`."
+        )
+    if _is_graph_model(model):
+        return _cloned(model, overrides)
+    _replace_in_place(model, overrides)
+    return model
+
+
+def _is_keras_embedding(layer):
+    return type(layer) is keras.layers.Embedding
+
+
+def _converted(layer, overrides):
+    """Our layer from a Keras Embedding's config, holding its variables."""
+    config = {**layer.get_config(), **overrides}
+    replacement = Embedding.from_config(config)
+    # Built under the old layer's parent scope, its variables get the old
+    # variables' paths (e.g. "recommender/users/embeddings").
+    parent = layer.path.rpartition("/")[0] if layer.path else ""
+    with keras.name_scope(parent) if parent else contextlib.nullcontext():
+        replacement.build()
+    _copy_variables(layer, replacement)
+    return replacement
+
+
+def _copy_variables(source, target):
+    # Through NumPy: on JAX, assigning a variable itself would share one
+    # buffer between the two layers, which a donating train step deletes.
+    for new, old in zip(target.weights, source.weights, strict=True):
+        new.assign(keras.ops.convert_to_numpy(old))
+
+
+def _is_graph_model(model):
+    """Functional and Sequential models, which `clone_model` can rebuild."""
+    if isinstance(model, keras.Sequential):
+        return True
+    return type(model).__name__ == "Functional"
+
+
+def _cloned(model, overrides):
+    originals = {}
+
+    def clone(layer):
+        if _is_keras_embedding(layer):
+            replacement = _converted(layer, overrides)
+        else:
+            replacement = layer.__class__.from_config(layer.get_config())
+        originals[id(replacement)] = layer
+        return replacement
+
+    cloned = keras.models.clone_model(model, clone_function=clone, recursive=True)
+    for layer in cloned._flatten_layers(include_self=False):
+        original = originals.get(id(layer))
+        if original is None or _is_keras_embedding(original):
+            continue
+        if isinstance(original, keras.Model) and _is_graph_model(original):
+            continue  # its layers are copied one by one
+        _copy_variables(original, layer)
+    return cloned
+
+
+def _replace_in_place(model, overrides):
+    replacements = {}
+
+    def replacement_for(owner, old):
+        new = replacements.get(id(old))
+        if new is None:
+            new = replacements[id(old)] = _converted(old, overrides)
+        # The owner's tracker lists its sub-layers (and so its weights) in
+        # order: the replacement takes the old layer's place.
+        if owner._tracker.is_in_store("layers", old):
+            owner._tracker.replace_tracked_value("layers", old, new)
+        return new
+
+    for owner in list(model._flatten_layers(include_self=True)):
+        # The tracker's own lists are updated by replace_tracked_value.
+        stores = [store for _, store in owner._tracker.config.values()]
+        for name, value in list(vars(owner).items()):
+            if any(value is store for store in stores):
+                continue
+            if _is_keras_embedding(value):
+                setattr(owner, name, replacement_for(owner, value))
+            elif isinstance(value, list):
+                for index, item in enumerate(value):
+                    if _is_keras_embedding(item):
+                        list.__setitem__(value, index, replacement_for(owner, item))
+            elif isinstance(value, dict):
+                for key, item in list(value.items()):
+                    if _is_keras_embedding(item):
+                        dict.__setitem__(value, key, replacement_for(owner, item))
+    # Functions traced before the replacement still hold the old layers.
+    model.train_function = model.test_function = model.predict_function = None
