@@ -31,6 +31,8 @@ test: setup lint
 
 demo: setup
 	$(PY) examples/quickstart.py
+	$(PY) examples/movielens.py
+	$(PY) examples/tweets.py
 
 bench: setup
 	$(PY) benchmarks/run.py

@@ -1,9 +1,13 @@
-"""`make demo` runs examples/quickstart.py; it must work on every backend."""
+"""`make demo` runs the examples; each must work on every backend."""
+
+import re
 
 import pytest
 from processes import BACKENDS, ROOT, run_under
 
 QUICKSTART = ROOT / "examples" / "quickstart.py"
+MOVIELENS = ROOT / "examples" / "movielens.py"
+TWEETS = ROOT / "examples" / "tweets.py"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -17,3 +21,42 @@ def test_quickstart_runs(backend):
     assert "predictions, original vs reloaded: max abs difference 0.0" in output
     assert "dtype policy int4/128_from_float32" in output
     assert "int4 model saved and reloaded: max abs difference 0.0" in output
+
+
+def rmse_of(output, row):
+    (value,) = re.findall(rf"^  {re.escape(row)} +(\d\.\d+)$", output, re.M)
+    return float(value)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_movielens_recommender_beats_its_baselines(backend):
+    output = run_under(backend, MOVIELENS, timeout=300)
+    assert "100,004 ratings, 671 users, 9,066 movies" in output
+    assert "Epoch 4/4" in output  # Keras's progress lines
+    older = rmse_of(output, "mean + user and movie biases, older ratings")
+    everything = rmse_of(output, "mean + user and movie biases, older + recent")
+    factorization = rmse_of(output, "Embedding factorization, older ratings")
+    finetuned = rmse_of(output, "+ LoRA fine-tuning on the recent ratings")
+    # The baseline is exact arithmetic: the same on every backend.
+    assert (older, everything) == (0.9139, 0.8949)
+    assert factorization < older
+    assert finetuned < min(factorization, everything)
+    assert "trainable parameters instead of 321,321" in output
+    assert "saved and reloaded: max abs difference 0.0" in output
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tweets_classifier_beats_the_majority_class(backend):
+    output = run_under(backend, TWEETS, timeout=300)
+    assert "20,761 tweets, 16,609 to train and 4,152 to test" in output
+    assert "Epoch 3/3" in output
+    (majority,) = re.findall(
+        r"^  always 'Twitter Web Client'  (\d\.\d+)$", output, re.M
+    )
+    (accuracy,) = re.findall(
+        r"^  Embedding\(mask_zero=True\) -> GRU  (\d\.\d+)$", output, re.M
+    )
+    assert float(majority) == 0.5157
+    assert float(accuracy) > float(majority) + 0.15
+    # mask_zero reaches the GRU: trailing padding changes nothing.
+    assert "8 more padding ids: predictions moved by at most 0.0e+00" in output
