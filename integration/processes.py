@@ -17,8 +17,13 @@ SCRIPTS = Path(__file__).resolve().parent / "scripts"
 TIMEOUT_S = 300
 
 
-def _run(backend, args, timeout):
-    env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"}
+def _run(backend, args, timeout, env=None):
+    env = {
+        **os.environ,
+        "KERAS_BACKEND": backend,
+        "TF_CPP_MIN_LOG_LEVEL": "3",
+        **(env or {}),
+    }
     return subprocess.run(
         [sys.executable, *map(str, args)],
         env=env,
@@ -37,9 +42,10 @@ def _failure(backend, args, done):
     )
 
 
-def run_under(backend, *args, timeout=TIMEOUT_S):
-    """Runs `python *args` under `backend`; returns its stdout, asserts exit 0."""
-    done = _run(backend, args, timeout)
+def run_under(backend, *args, timeout=TIMEOUT_S, env=None):
+    """Runs `python *args` under `backend` (plus `env`); returns its stdout,
+    asserts exit 0."""
+    done = _run(backend, args, timeout, env)
     assert done.returncode == 0, _failure(backend, args, done)
     return done.stdout
 

@@ -2,9 +2,16 @@
 fast with LoRA and quantization, and lossless when saved, on TensorFlow, JAX
 and PyTorch."""
 
+from keras_ext_embedding._layout import shard_embeddings
 from keras_ext_embedding._replace import replace_embeddings
 from keras_ext_embedding.embedding import Embedding
 from keras_ext_embedding.errors import InvalidIdError
 
 __version__ = "0.1.0"
-__all__ = ["Embedding", "InvalidIdError", "__version__", "replace_embeddings"]
+__all__ = [
+    "Embedding",
+    "InvalidIdError",
+    "__version__",
+    "replace_embeddings",
+    "shard_embeddings",
+]
