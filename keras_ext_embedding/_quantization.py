@@ -160,7 +160,14 @@ def rows(layer, index):
         values = unpack_int4(values, layer.output_dim)
     block_size = layer._int4_block_size
     if block_size is None:
-        return ops.divide(ops.cast(values, "float32"), ops.expand_dims(scale, -1))
+        # The same bits on every backend: XLA (JAX, TensorFlow with
+        # jit_compile) turns `values / scale` into `values * (1 / scale)`,
+        # whose last bit can differ, so that product is what every backend
+        # computes. The inverse is `(2 / scale) * 0.5`, the correctly rounded
+        # `1 / scale` (halving is exact): TensorFlow's graph optimizer would
+        # turn a literal `1 / scale` into its approximate Reciprocal op.
+        inverse = ops.multiply(ops.divide(2.0, scale), 0.5)
+        return ops.multiply(ops.cast(values, "float32"), ops.expand_dims(inverse, -1))
     zero = ops.take(layer.embeddings_zero, index, axis=0)
     return _dequantize_groups(values, scale, zero, layer.output_dim, block_size)
 

@@ -78,7 +78,12 @@ def test_quantize_matches_keras_variables_policy_and_outputs(
     for mine, keras_variable in zip(ours.weights, theirs.weights, strict=True):
         np.testing.assert_array_equal(raw(mine), raw(keras_variable), err_msg=mine.name)
     assert ours.trainable_weights == []
-    np.testing.assert_array_equal(numpy_of(ours(IDS)), numpy_of(theirs(IDS)))
+    # Within one unit in the last place: for one scale per row, ours
+    # multiplies by the inverse scale on every backend (what XLA makes of
+    # Keras's division), so that all backends give the same bits.
+    np.testing.assert_array_max_ulp(
+        ops.convert_to_numpy(ours(IDS)), ops.convert_to_numpy(theirs(IDS)), maxulp=1
+    )
     np.testing.assert_array_equal(raw(ours.embeddings), raw(theirs.embeddings))
 
 

@@ -1,0 +1,136 @@
+"""The layer's own outputs, saved under one backend and reloaded under each.
+
+    python layer_outputs.py save DIR   # writes DIR/<backend>/<case>.keras,
+                                       # .weights.h5 and the saver's outputs
+    python layer_outputs.py load DIR   # writes DIR/<saver>/loaded_by_<backend>/
+
+Each model is `Input -> Embedding -> output`, so what is compared is the rows
+and the mask the layer gives, with nothing after it to round differently per
+backend. Outputs are written as float32 (exact for bfloat16 rows).
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_ext_embedding import Embedding
+
+BACKEND = keras.config.backend()
+BACKENDS = ("tensorflow", "jax", "torch")
+VOCAB, DIM = 50, 12
+IDS = np.array([[3, 17, 49, 0, 0], [1, 1, 2, 25, 7]], dtype="int32")
+# (constructor arguments, quantization (mode, int4 block size), LoRA rank)
+CASES = {
+    "plain": ({}, None, None),
+    "mask_zero": ({"mask_zero": True}, None, None),
+    "lora": ({"mask_zero": True}, None, 4),
+    "mixed_bfloat16": ({"dtype": "mixed_bfloat16"}, None, None),
+    "int8": ({}, ("int8", None), None),
+    "int4": ({"mask_zero": True}, ("int4", 4), None),
+    "int4_lora": ({}, ("int4", None), 2),
+}
+
+
+def make_model(case, quantized_policy=None):
+    kwargs, _, lora_rank = CASES[case]
+    kwargs = dict(kwargs)
+    if quantized_policy:
+        kwargs["dtype"] = quantized_policy
+    if lora_rank and quantized_policy:
+        # Built quantized, LoRA comes from the constructor (a float layer
+        # gets it after its table is set, see load()).
+        kwargs["lora_rank"] = lora_rank
+        kwargs["lora_alpha"] = 2.0 * lora_rank
+    inputs = keras.Input((None,), dtype="int32")
+    outputs = Embedding(VOCAB, DIM, name="tokens", **kwargs)(inputs)
+    return keras.Model(inputs, outputs)
+
+
+def saved_model(case):
+    """The saver's model: random table, quantized, LoRA with random B."""
+    _, quantization, lora_rank = CASES[case]
+    model = make_model(case)
+    layer = model.get_layer("tokens")
+    rng = np.random.default_rng(sorted(CASES).index(case))
+    layer.embeddings.assign(rng.normal(size=(VOCAB, DIM)).astype("float32"))
+    if quantization:
+        mode, block_size = quantization
+        config = None
+        if mode == "int4":
+            config = keras.quantizers.Int4QuantizationConfig(block_size=block_size)
+        layer.quantize(mode, config=config)
+    if lora_rank:
+        layer.enable_lora(lora_rank, lora_alpha=2.0 * lora_rank)
+        layer.lora_embeddings_b.assign(
+            rng.normal(size=(lora_rank, DIM)).astype("float32")
+        )
+    return model
+
+
+def outputs_of(model):
+    # predict returns NumPy; bfloat16 rows become float32 exactly.
+    rows = np.asarray(model.predict(IDS, verbose=0)).astype("float32")
+    mask = model.get_layer("tokens").compute_mask(ops.convert_to_tensor(IDS))
+    mask = None if mask is None else ops.convert_to_numpy(mask)
+    return rows, mask
+
+
+def write(directory, name, model):
+    directory.mkdir(parents=True, exist_ok=True)
+    rows, mask = outputs_of(model)
+    np.save(directory / f"{name}_rows.npy", rows)
+    if mask is not None:
+        np.save(directory / f"{name}_mask.npy", mask)
+    layer = model.get_layer("tokens")
+    facts = {
+        "dtype_policy": layer.dtype_policy.name,
+        "lora_enabled": layer.lora_enabled,
+        "output_dtype": keras.backend.standardize_dtype(
+            model.predict(IDS[:1], verbose=0).dtype
+        ),
+    }
+    (directory / f"{name}_facts.json").write_text(json.dumps(facts))
+
+
+def save(root):
+    out = root / BACKEND
+    out.mkdir(parents=True, exist_ok=True)
+    for case in CASES:
+        model = saved_model(case)
+        model.save(out / f"{case}.keras")
+        model.save_weights(out / f"{case}.weights.h5")
+        (out / f"{case}_policy.txt").write_text(
+            model.get_layer("tokens").dtype_policy.name
+        )
+        write(out / "reference", case, model)
+
+
+def load(root):
+    for saver in BACKENDS:
+        saved = root / saver
+        out = saved / f"loaded_by_{BACKEND}"
+        for case in CASES:
+            loaded = keras.saving.load_model(saved / f"{case}.keras")
+            write(out, f"{case}_keras", loaded)
+            policy = (saved / f"{case}_policy.txt").read_text()
+            quantized = policy if CASES[case][1] else None
+            fresh = make_model(case, quantized_policy=quantized)
+            if CASES[case][2] and not quantized:
+                fresh.get_layer("tokens").enable_lora(
+                    CASES[case][2], lora_alpha=2.0 * CASES[case][2]
+                )
+            fresh.load_weights(saved / f"{case}.weights.h5")
+            write(out, f"{case}_weights", fresh)
+
+
+if __name__ == "__main__":
+    command, root = sys.argv[1], Path(sys.argv[2])
+    {"save": save, "load": load}[command](root)
+    print(f"{command} under {BACKEND}: ok")
