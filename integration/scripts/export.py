@@ -1,0 +1,94 @@
+"""Exports a model for serving, then serves it with the artifact's own runtime.
+
+    python export.py export DIR   # under KERAS_BACKEND: writes DIR/<backend>/
+    python export.py serve DIR    # no keras: loads every artifact in DIR with
+                                  # tf.saved_model / onnxruntime, writes outputs
+
+Artifacts: a TensorFlow SavedModel (`model.export(format="tf_saved_model")`)
+from TensorFlow and JAX, and ONNX (`format="onnx"`) from TensorFlow and
+PyTorch, each for a layer with `invalid_ids="raise"` and one with `"zeros"`.
+The exporting process writes the Keras model's own outputs beside them.
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import numpy as np
+
+VOCAB, DIM = 50, 8
+IDS = np.array([[1, 2, 3, 0, 0], [4, 5, 49, 7, 0]], dtype="int32")
+# Ids past the vocabulary and negative: zero rows wherever the graph has the
+# layer's masking.
+BAD = np.array([[1, VOCAB, 3, 0, 0], [4, -1, 49, 7, 0]], dtype="int32")
+FORMATS = {
+    "tensorflow": ("tf_saved_model", "onnx"),
+    "jax": ("tf_saved_model",),
+    "torch": ("onnx",),
+}
+MODES = ("raise", "zeros")
+
+
+def export(root):
+    import keras
+
+    from keras_ext_embedding import Embedding
+
+    backend = keras.config.backend()
+    out = root / backend
+    out.mkdir(parents=True, exist_ok=True)
+    for mode in MODES:
+        keras.utils.set_random_seed(0)
+        inputs = keras.Input((IDS.shape[1],), dtype="int32", name="ids")
+        layer = Embedding(VOCAB, DIM, mask_zero=True, invalid_ids=mode, name="tokens")
+        x = keras.layers.GlobalAveragePooling1D()(layer(inputs))
+        model = keras.Model(inputs, keras.layers.Dense(2, name="head")(x))
+        np.save(out / f"{mode}_keras.npy", model.predict(IDS, verbose=0))
+        # What the layer gives invalid ids when it cannot raise: zero rows.
+        layer.invalid_ids = "zeros"
+        np.save(out / f"{mode}_keras_bad.npy", model.predict(BAD, verbose=0))
+        layer.invalid_ids = mode
+        for fmt in FORMATS[backend]:
+            suffix = ".onnx" if fmt == "onnx" else ""
+            model.export(str(out / f"{mode}_{fmt}{suffix}"), format=fmt, verbose=False)
+
+
+def run_artifact(path, ids):
+    """Outputs, or the error the runtime raised, as JSON-able facts."""
+    try:
+        if path.suffix == ".onnx":
+            import onnxruntime
+
+            session = onnxruntime.InferenceSession(str(path))
+            name = session.get_inputs()[0].name
+            return np.asarray(session.run(None, {name: ids})[0]).tolist()
+        import tensorflow as tf
+
+        # Kept in a name: the function's variables live as long as `loaded`.
+        loaded = tf.saved_model.load(str(path))
+        return loaded.serve(tf.constant(ids)).numpy().tolist()
+    except Exception as error:
+        return {"error": type(error).__name__, "message": str(error)[:500]}
+
+
+def serve(root):
+    report = {}
+    for backend, formats in FORMATS.items():
+        for mode in MODES:
+            for fmt in formats:
+                suffix = ".onnx" if fmt == "onnx" else ""
+                path = root / backend / f"{mode}_{fmt}{suffix}"
+                report[f"{backend}/{mode}/{fmt}"] = {
+                    "ids": run_artifact(path, IDS),
+                    "bad": run_artifact(path, BAD),
+                }
+    (root / "served.json").write_text(json.dumps(report))
+
+
+if __name__ == "__main__":
+    command, root = sys.argv[1], Path(sys.argv[2])
+    {"export": export, "serve": serve}[command](root)
+    print(f"{command}: ok")
