@@ -540,3 +540,28 @@ def test_loading_into_unbuilt_layer_is_refused():
     # An empty entry (what an unbuilt layer saves) loads as nothing.
     layer.load_own_variables({})
     assert not layer.built
+
+
+def truncated_copy(path):
+    data = path.read_bytes()
+    cut = path.with_name("cut_" + path.name)
+    cut.write_bytes(data[: len(data) // 2])
+    return cut
+
+
+def test_truncated_weights_file_is_refused_and_nothing_loads(tmp_path, rng):
+    model = make_model()
+    randomize(tokens(model), rng)
+    model.save_weights(tmp_path / "m.weights.h5")
+    target = make_model()
+    before = [raw(v) for v in target.weights]
+    with pytest.raises(OSError, match="truncated file"):
+        target.load_weights(truncated_copy(tmp_path / "m.weights.h5"))
+    for variable, values in zip(target.weights, before, strict=True):
+        np.testing.assert_array_equal(raw(variable), values)
+
+
+def test_truncated_keras_file_is_refused(tmp_path):
+    make_model().save(tmp_path / "m.keras")
+    with pytest.raises(ValueError, match=r"accessible `\.keras` zip file"):
+        keras.saving.load_model(truncated_copy(tmp_path / "m.keras"))
