@@ -11,6 +11,7 @@ ARTIFACTS = [
     ("tensorflow", "tf_saved_model"),
     ("tensorflow", "onnx"),
     ("jax", "tf_saved_model"),
+    ("jax", "onnx"),
     ("torch", "onnx"),
 ]
 

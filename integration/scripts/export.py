@@ -5,8 +5,8 @@
                                   # tf.saved_model / onnxruntime, writes outputs
 
 Artifacts: a TensorFlow SavedModel (`model.export(format="tf_saved_model")`)
-from TensorFlow and JAX, and ONNX (`format="onnx"`) from TensorFlow and
-PyTorch, each for a layer with `invalid_ids="raise"` and one with `"zeros"`.
+from TensorFlow and JAX, and ONNX (`format="onnx"`) from all three backends,
+each for a layer with `invalid_ids="raise"` and one with `"zeros"`.
 The exporting process writes the Keras model's own outputs beside them.
 """
 
@@ -26,7 +26,7 @@ IDS = np.array([[1, 2, 3, 0, 0], [4, 5, 49, 7, 0]], dtype="int32")
 BAD = np.array([[1, VOCAB, 3, 0, 0], [4, -1, 49, 7, 0]], dtype="int32")
 FORMATS = {
     "tensorflow": ("tf_saved_model", "onnx"),
-    "jax": ("tf_saved_model",),
+    "jax": ("tf_saved_model", "onnx"),
     "torch": ("onnx",),
 }
 MODES = ("raise", "zeros")
@@ -47,6 +47,7 @@ def export(root):
         x = keras.layers.GlobalAveragePooling1D()(layer(inputs))
         model = keras.Model(inputs, keras.layers.Dense(2, name="head")(x))
         np.save(out / f"{mode}_keras.npy", model.predict(IDS, verbose=0))
+        model(IDS)  # Keras's ONNX export wants a model called eagerly once
         # What the layer gives invalid ids when it cannot raise: zero rows.
         layer.invalid_ids = "zeros"
         np.save(out / f"{mode}_keras_bad.npy", model.predict(BAD, verbose=0))
