@@ -649,9 +649,11 @@ class Embedding(keras.layers.Layer):
     @classmethod
     def from_config(cls, config):
         config = dict(config)
-        config["quantization_config"] = keras.saving.deserialize_keras_object(
-            config.get("quantization_config")
-        )
+        quantization_config = config.get("quantization_config")
+        if isinstance(quantization_config, dict):
+            config["quantization_config"] = keras.saving.deserialize_keras_object(
+                quantization_config
+            )
         return super().from_config(config)
 
     @property

@@ -216,6 +216,15 @@ def test_quantized_policy_at_construction_builds_keras_variables(policy, shapes)
     assert ours.quantization_mode == policy[:4]
 
 
+def test_from_config_takes_a_config_object_or_its_serialization():
+    config = keras.quantizers.Int4QuantizationConfig(block_size=4)
+    base = Embedding(VOCAB, 13).get_config()
+    for value in (config, keras.saving.serialize_keras_object(config)):
+        layer = Embedding.from_config({**base, "quantization_config": value})
+        assert isinstance(layer.quantization_config, type(config))
+        assert layer.quantization_config.block_size == 4
+
+
 def test_construction_config_sets_block_size(rng):
     config = keras.quantizers.Int4QuantizationConfig(block_size=4)
     layer = Embedding(VOCAB, 13, dtype="int4_from_float32", quantization_config=config)
