@@ -163,11 +163,12 @@ def rows(layer, index):
         # The same bits on every backend: XLA (JAX, TensorFlow with
         # jit_compile) turns `values / scale` into `values * (1 / scale)`,
         # whose last bit can differ, so that product is what every backend
-        # computes. The inverse is `(2 / scale) * 0.5`, the correctly rounded
-        # `1 / scale` (halving is exact): TensorFlow's graph optimizer would
-        # turn a literal `1 / scale` into its approximate Reciprocal op.
-        inverse = ops.multiply(ops.divide(2.0, scale), 0.5)
-        return ops.multiply(ops.cast(values, "float32"), ops.expand_dims(inverse, -1))
+        # computes, as `(values * 0.5) * (2 / scale)`: scaling by powers of
+        # two is exact, and a literal `1 / scale` would become TensorFlow's
+        # approximate Reciprocal op in a graph. `values * 0.5` is also the
+        # cast to float32.
+        halves = ops.multiply(values, 0.5)
+        return ops.multiply(halves, ops.expand_dims(ops.divide(2.0, scale), -1))
     zero = ops.take(layer.embeddings_zero, index, axis=0)
     return _dequantize_groups(values, scale, zero, layer.output_dim, block_size)
 
