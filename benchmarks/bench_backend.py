@@ -160,6 +160,24 @@ def compiled_forwards(layer):
     return {}
 
 
+def compare_forwards(ours, theirs, ids, reps, warmup, settle):
+    """Times ours against Keras's on `ids`, eagerly and in each compiled mode
+    of the backend; yields `(mode, result of compare)`."""
+    pairs = {"eager": (ours.__call__, theirs.__call__)}
+    theirs_compiled = compiled_forwards(theirs)
+    for mode, forward in compiled_forwards(ours).items():
+        pairs[mode] = (forward, theirs_compiled[mode])
+    for mode, (mine, other) in pairs.items():
+        result = compare(
+            lambda mine=mine: mine(ids),
+            lambda other=other: other(ids),
+            reps,
+            warmup,
+            settle=settle,
+        )
+        yield mode, result
+
+
 def bench_lookup(args, report):
     input_dim = 10_000 if args.quick else 100_000
     reps = 30 if args.quick else 300
@@ -230,18 +248,7 @@ def bench_torch_compile(args, report, ids, variants, theirs):
 def bench_lora_forward(args, report, ids, ours, theirs):
     reps = 3 if args.quick else 15
     check_same(ours, theirs, ids)
-    forwards = {"eager": (ours.__call__, theirs.__call__)}
-    theirs_compiled = compiled_forwards(theirs)
-    for mode, forward in compiled_forwards(ours).items():
-        forwards[mode] = (forward, theirs_compiled[mode])
-    for mode, (mine, other) in forwards.items():
-        result = compare(
-            lambda mine=mine: mine(ids),
-            lambda other=other: other(ids),
-            reps,
-            1,
-            settle=True,
-        )
+    for mode, result in compare_forwards(ours, theirs, ids, reps, 1, settle=True):
         report(
             case="lora_forward",
             mode=mode,
@@ -309,18 +316,8 @@ def bench_quantized_lookup(args, report, table_report):
             keras_bytes=variable_bytes(theirs),
             float32_bytes=float_bytes,
         )
-        forwards = {"eager": (ours.__call__, theirs.__call__)}
-        theirs_compiled = compiled_forwards(theirs)
-        for compiled_mode, forward in compiled_forwards(ours).items():
-            forwards[compiled_mode] = (forward, theirs_compiled[compiled_mode])
-        for call_mode, (mine, other) in forwards.items():
-            result = compare(
-                lambda mine=mine: mine(ids),
-                lambda other=other: other(ids),
-                reps,
-                2,
-                settle=mode == "int4",
-            )
+        timings = compare_forwards(ours, theirs, ids, reps, 2, settle=mode == "int4")
+        for call_mode, result in timings:
             if mode == "int8":
                 target, met = "ratio <= 1.20", result["ratio"] <= 1.20
             else:
@@ -355,18 +352,9 @@ def bench_quantized_lora(args, report):
         ("int4 LoRA", ours_int4, keras_int4, "vs keras int4 LoRA"),
     ]
     for label, ours, theirs, against in cases:
-        forwards = {"eager": (ours.__call__, theirs.__call__)}
-        theirs_compiled = compiled_forwards(theirs)
-        for compiled_mode, forward in compiled_forwards(ours).items():
-            forwards[compiled_mode] = (forward, theirs_compiled[compiled_mode])
-        for call_mode, (mine, other) in forwards.items():
-            result = compare(
-                lambda mine=mine: mine(ids),
-                lambda other=other: other(ids),
-                reps,
-                2,
-                settle=True,
-            )
+        for call_mode, result in compare_forwards(
+            ours, theirs, ids, reps, 2, settle=True
+        ):
             if "int8" in against:
                 target, met = "ratio <= 1.10", result["ratio"] <= 1.10
             else:
