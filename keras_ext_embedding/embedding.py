@@ -712,7 +712,7 @@ class Embedding(keras.layers.Layer):
                 _quantization.quantize_table(
                     table,
                     self._quantized_mode,
-                    self._requantization_config(),
+                    self._default_config(self._quantized_mode),
                     self.name,
                 )
             )
@@ -772,18 +772,11 @@ class Embedding(keras.layers.Layer):
         )
         self._set_table(merged)
 
-    def _requantization_config(self):
-        """The config the table was quantized with, for quantizing it again."""
-        config = self.quantization_config
-        if config is not None and config.mode == self._quantized_mode:
-            return config
-        if self._quantized_mode == "int8":
-            return keras.quantizers.Int8QuantizationConfig()
-        return keras.quantizers.Int4QuantizationConfig(block_size=self._int4_block_size)
-
     def _default_config(self, mode):
         """The config when none is passed: the layer's `quantization_config`
-        if it is for `mode`, else what the dtype policy names."""
+        if it is for `mode`, else what the dtype policy names. For a built
+        layer, the config its table was quantized with (`_set_table` and
+        merging LoRA quantize again with it)."""
         config = self.quantization_config
         if config is not None and config.mode == mode:
             return config

@@ -243,7 +243,7 @@ def test_weights_argument_is_quantized(policy, rng):
     table = rng.normal(size=(VOCAB, 13)).astype("float32")
     layer = Embedding(VOCAB, 13, dtype=policy, weights=table)
     reference = Embedding(VOCAB, 13, weights=table)
-    reference.quantize(policy[:4], config=layer._requantization_config())
+    reference.quantize(policy[:4], config=layer._default_config(policy[:4]))
     for mine, expected in zip(layer.weights, reference.weights, strict=True):
         np.testing.assert_array_equal(raw(mine), raw(expected), err_msg=mine.name)
 
