@@ -17,14 +17,21 @@ def shard_embeddings(layout_map, layer_name=".*", axis="model"):
     overlap (Keras refuses a path that two rules match). Works for
     `keras_ext_embedding.Embedding` and `keras.layers.Embedding` alike.
 
-    Example:
+    Examples:
+        >>> devices = ["cpu:0", "cpu:1", "cpu:2", "cpu:3"]
+        >>> mesh = keras.distribution.DeviceMesh((2, 2), ["batch", "model"], devices)
+        >>> layout_map = keras_ext_embedding.shard_embeddings(
+        ...     keras.distribution.LayoutMap(mesh), "tokens")
+        >>> layout_map["tokens/embeddings"].axes
+        ('model', None)
+        >>> layout_map["tokens/lora_embeddings_a"].axes
+        ('model', None)
+        >>> print(layout_map["tokens/lora_embeddings_b"])
+        None
 
-    >>> mesh = keras.distribution.DeviceMesh((2, 4), ["batch", "model"])
-    >>> layout_map = keras.distribution.LayoutMap(mesh)
-    >>> keras_ext_embedding.shard_embeddings(layout_map, "tokens")
-    >>> distribution = keras.distribution.ModelParallel(
-    ...     layout_map=layout_map, batch_dim_name="batch")
-    >>> keras.distribution.set_distribution(distribution)
+        On JAX, hand it to `keras.distribution.ModelParallel(layout_map=
+        layout_map, batch_dim_name="batch")` and `set_distribution` before
+        building the model (the sharding guide shows a whole run).
 
     Args:
         layout_map: A `keras.distribution.LayoutMap`.

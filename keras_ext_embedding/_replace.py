@@ -29,14 +29,13 @@ def replace_embeddings(model, **overrides):
     Compile the returned model before training it: the optimizer state of the
     original is not carried over.
 
-    Example:
-
-    >>> inputs = keras.Input((None,), dtype="int32")
-    >>> x = keras.layers.Embedding(1000, 16, name="tokens")(inputs)
-    >>> model = keras.Model(inputs, keras.layers.GlobalAveragePooling1D()(x))
-    >>> upgraded = keras_ext_embedding.replace_embeddings(model)
-    >>> type(upgraded.get_layer("tokens")).__module__
-    'keras_ext_embedding.embedding'
+    Examples:
+        >>> inputs = keras.Input((None,), dtype="int32")
+        >>> x = keras.layers.Embedding(1000, 16, name="tokens")(inputs)
+        >>> model = keras.Model(inputs, keras.layers.GlobalAveragePooling1D()(x))
+        >>> upgraded = keras_ext_embedding.replace_embeddings(model)
+        >>> type(upgraded.get_layer("tokens")).__module__
+        'keras_ext_embedding.embedding'
 
     Args:
         model: A built `keras.Model`.

@@ -55,17 +55,16 @@ class Embedding(keras.layers.Layer):
       call). LoRA works on a quantized table, and saving keeps the quantized
       table and the adapters apart instead of re-quantizing a merge.
 
-    Example:
-
-    >>> model = keras.Sequential()
-    >>> model.add(keras_ext_embedding.Embedding(1000, 64))
-    >>> # The model takes an integer matrix of size (batch, input_length); the
-    >>> # largest id should be no larger than 999 (vocabulary size).
-    >>> input_array = np.random.randint(1000, size=(32, 10))
-    >>> model.compile("rmsprop", "mse")
-    >>> output_array = model.predict(input_array, verbose=0)
-    >>> print(output_array.shape)
-    (32, 10, 64)
+    Examples:
+        >>> model = keras.Sequential()
+        >>> model.add(keras_ext_embedding.Embedding(1000, 64))
+        >>> # The model takes an integer matrix of size (batch, input_length); the
+        >>> # largest id should be no larger than 999 (vocabulary size).
+        >>> input_array = np.random.randint(1000, size=(32, 10))
+        >>> model.compile("rmsprop", "mse")
+        >>> output_array = model.predict(input_array, verbose=0)
+        >>> print(output_array.shape)
+        (32, 10, 64)
 
     Args:
         input_dim: Integer. Size of the vocabulary,
@@ -323,13 +322,12 @@ class Embedding(keras.layers.Layer):
         (A[ids] @ B)`, computed on the looked-up rows only. `A` has shape
         `(input_dim, rank)` and `B` `(rank, output_dim)`, both float32.
 
-        Example:
-
-        >>> layer = keras_ext_embedding.Embedding(50_000, 128)
-        >>> layer.build()
-        >>> layer.enable_lora(8, lora_alpha=16)
-        >>> [w.name for w in layer.trainable_weights]
-        ['lora_embeddings_a', 'lora_embeddings_b']
+        Examples:
+            >>> layer = keras_ext_embedding.Embedding(50_000, 128)
+            >>> layer.build()
+            >>> layer.enable_lora(8, lora_alpha=16)
+            >>> [w.name for w in layer.trainable_weights]
+            ['lora_embeddings_a', 'lora_embeddings_b']
 
         Args:
             rank: Positive integer. Rank of the adapters.
@@ -394,13 +392,12 @@ class Embedding(keras.layers.Layer):
         fine-tuning without that loss, save the layer instead: checkpoints
         keep the quantized table and the adapters apart.
 
-        Example:
-
-        >>> layer = keras_ext_embedding.Embedding(1000, 16, lora_rank=4)
-        >>> layer.build()
-        >>> layer.merge_lora()
-        >>> layer.lora_enabled, [w.name for w in layer.trainable_weights]
-        (False, ['embeddings'])
+        Examples:
+            >>> layer = keras_ext_embedding.Embedding(1000, 16, lora_rank=4)
+            >>> layer.build()
+            >>> layer.merge_lora()
+            >>> layer.lora_enabled, [w.name for w in layer.trainable_weights]
+            (False, ['embeddings'])
         """
         if not self.lora_enabled:
             raise ValueError(
@@ -443,13 +440,12 @@ class Embedding(keras.layers.Layer):
         before or after, stay float32 and trainable. `Model.quantize(...)`
         calls this on every Embedding of the model.
 
-        Example:
-
-        >>> layer = keras_ext_embedding.Embedding(1000, 64)
-        >>> layer.build()
-        >>> layer.quantize("int8")
-        >>> layer.dtype_policy.name, [w.name for w in layer.weights]
-        ('int8_from_float32', ['embeddings', 'embeddings_scale'])
+        Examples:
+            >>> layer = keras_ext_embedding.Embedding(1000, 64)
+            >>> layer.build()
+            >>> layer.quantize("int8")
+            >>> layer.dtype_policy.name, [w.name for w in layer.weights]
+            ('int8_from_float32', ['embeddings', 'embeddings_scale'])
 
         Args:
             mode: `"int8"` or `"int4"`.

@@ -1,0 +1,142 @@
+"""Every example of the documentation runs, and prints what the page says.
+
+The guides' code blocks (`docs/index.md`, `docs/guides/*.md`) and the
+docstring examples of the public API (shown on the API reference page) run
+on the active backend; the suite runs once per backend, so each example runs
+on TensorFlow, JAX and PyTorch. The site itself is built by `make docs`
+(`mkdocs build --strict`), which `make test` runs.
+"""
+
+import contextlib
+import doctest
+import io
+import os
+import pathlib
+import subprocess
+import sys
+
+import docs_examples
+import keras
+import numpy as np
+import pytest
+
+import keras_ext_embedding
+
+DOCS = pathlib.Path(__file__).resolve().parent.parent / "docs"
+PAGES = [DOCS / "index.md", *sorted((DOCS / "guides").glob("*.md"))]
+PUBLIC = [
+    keras_ext_embedding.Embedding,
+    keras_ext_embedding.InvalidIdError,
+    keras_ext_embedding.replace_embeddings,
+    keras_ext_embedding.shard_embeddings,
+]
+
+
+def page_id(page):
+    return str(page.relative_to(DOCS))
+
+
+@pytest.fixture
+def fresh_global_state():
+    """Examples may set a global dtype policy or distribution: undo it."""
+    yield
+    keras.config.set_dtype_policy("float32")
+    keras.distribution.set_distribution(None)
+    keras.backend.clear_session()
+
+
+def test_every_guide_has_examples():
+    assert len(PAGES) >= 9
+    for page in PAGES:
+        assert docs_examples.runnable(page.read_text()), f"{page_id(page)} runs nothing"
+
+
+@pytest.mark.parametrize("page", PAGES, ids=page_id)
+def test_guide_examples_run_and_print_what_the_page_says(
+    page, tmp_path, monkeypatch, fresh_global_state
+):
+    monkeypatch.chdir(tmp_path)  # examples save files
+    namespace = {"__name__": "__docs__"}
+    for block in docs_examples.runnable(page.read_text()):
+        where = f"{page_id(page)}:{block.line}"
+        if block.language == "bash":
+            run_bash(block, where, tmp_path)
+        else:
+            run_python(block, where, namespace)
+
+
+def run_python(block, where, namespace):
+    code, expectations = docs_examples.instrument(block, where)
+    printed = {}
+
+    def docs_print(index, *args, **kwargs):
+        buffer = io.StringIO()
+        print(*args, **kwargs, file=buffer)
+        printed[index] = printed.get(index, "") + buffer.getvalue()
+
+    namespace["__docs_print__"] = docs_print
+    exec(code, namespace)
+    for index, want in expectations:
+        assert want is not None, (
+            f"{where}: print call #{index + 1} of this block does not say what it "
+            "prints; add a `# output` comment after it or below it"
+        )
+        if index in printed:  # not every branch runs on every backend
+            assert docs_examples.matches(want, printed[index]), (
+                f"{where}: print call #{index + 1} printed\n{printed[index]}"
+                f"but the page says\n{want}"
+            )
+
+
+def run_bash(block, where, cwd):
+    # `python` in a guide is the interpreter running this suite.
+    path = os.pathsep.join([os.path.dirname(sys.executable), os.environ["PATH"]])
+    done = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", block.source],
+        cwd=cwd,
+        env={**os.environ, "PATH": path, "TF_CPP_MIN_LOG_LEVEL": "3"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, f"{where} failed:\n{done.stderr[-3000:]}"
+    want = docs_examples.bash_expectations(block)
+    assert docs_examples.matches(want, done.stdout), (
+        f"{where}: printed\n{done.stdout}but the page says\n{want}"
+    )
+
+
+def docstring_examples():
+    finder = doctest.DocTestFinder(exclude_empty=True)
+    found = []
+    for obj in PUBLIC:
+        found.extend(t for t in finder.find(obj, obj.__name__) if t.examples)
+    return found
+
+
+@pytest.mark.parametrize("example", docstring_examples(), ids=lambda t: t.name)
+def test_docstring_examples(example, tmp_path, monkeypatch, fresh_global_state):
+    monkeypatch.chdir(tmp_path)
+    example.globs = {
+        "keras": keras,
+        "np": np,
+        "keras_ext_embedding": keras_ext_embedding,
+    }
+    runner = doctest.DocTestRunner(optionflags=docs_examples.OPTIONS)
+    report = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()):
+        result = runner.run(example, out=report.write)
+    assert result.attempted > 0
+    assert result.failed == 0, report.getvalue()
+
+
+def test_docstring_examples_cover_the_public_api():
+    names = {t.name for t in docstring_examples()}
+    assert {
+        "Embedding",
+        "Embedding.enable_lora",
+        "Embedding.merge_lora",
+        "Embedding.quantize",
+        "replace_embeddings",
+        "shard_embeddings",
+    } <= names
