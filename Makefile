@@ -1,11 +1,11 @@
-# make setup | test | demo | bench | lint | format
+# make setup | test | demo | bench | docs | docs-serve | lint | format
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 BACKENDS := tensorflow jax torch
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test unit integration demo bench lint format clean
+.PHONY: setup test unit integration demo bench docs docs-serve lint format clean
 
 setup: $(STAMP)
 
@@ -26,7 +26,7 @@ format: setup
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-test: setup lint
+test: setup lint docs
 	$(PY) tests/run_backends.py $(BACKENDS)
 
 demo: setup
@@ -34,8 +34,16 @@ demo: setup
 	$(PY) examples/movielens.py
 	$(PY) examples/tweets.py
 
+# The site, from docs/ and the docstrings; --strict turns any warning (a broken
+# link, a docstring griffe cannot read) into a failure.
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
+
+docs-serve: setup
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve
+
 bench: setup
 	$(PY) benchmarks/run.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build site *.egg-info

@@ -8,7 +8,8 @@ outputs before anything is timed.
 import keras
 import numpy as np
 from keras import ops
-from timing import BACKEND, BATCH_SHAPE, LORA_RANK, OUTPUT_DIM, SEED, ours_against_keras
+from plan import BATCH_SHAPE, LORA_RANK, OUTPUT_DIM
+from timing import BACKEND, SEED, ours_against_keras
 
 import keras_ext_embedding
 

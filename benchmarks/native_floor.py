@@ -12,7 +12,8 @@ import gc
 import numpy as np
 from keras import ops
 from layers import build_pair, check_same, forwards
-from timing import BACKEND, OUTPUT_DIM, compare, make_ids, timed
+from plan import OUTPUT_DIM
+from timing import BACKEND, compare, make_ids, timed
 
 import keras_ext_embedding
 
@@ -128,7 +129,9 @@ def lookup_rows(plan, floor_rows):
                 "mode": row["mode"],
                 "variant": variant,
                 "input_dim": row["input_dim"],
-                "target": "none (for information)" if informational else "ratio <= 1.10",
+                "target": "none (for information)"
+                if informational
+                else "ratio <= 1.10",
                 "met": None if informational else ratio <= 1.10,
                 "ours": row[name],
                 "keras": row["keras"],

@@ -20,7 +20,8 @@ import keras
 import numpy as np
 from keras import ops
 from layers import nonzero_lora_b, variable_bytes
-from timing import LORA_RANK, OUTPUT_DIM, block, make_ids
+from plan import LORA_RANK, OUTPUT_DIM
+from timing import block, make_ids
 
 import keras_ext_embedding
 
@@ -51,8 +52,9 @@ def current_rss_mb():
         return int(re.search(r"VmRSS:\s+(\d+)", status.read()).group(1)) / 1024
 
 
-def wait_for_rss_to_settle(timeout=15.0, interval=0.25, steady_polls=4):
-    """Waits until the resident set size stays put for a second.
+def wait_for_rss_to_settle(interval, steady_polls, timeout=15.0):
+    """Waits until the resident set size stays put for `steady_polls` polls
+    `interval` seconds apart (a full run: a second).
 
     Backends build and free large buffers asynchronously: a second after
     `build()` returned, JAX was still computing the 1M-row initializer and
@@ -93,15 +95,18 @@ def make_layer(impl, config, input_dim):
     return layer
 
 
-def measure(impl, config, input_dim):
-    """One entry: the layer's variable bytes and its forward pass's peak."""
+def measure(impl, config, input_dim, settle_polls):
+    """One entry: the layer's variable bytes and its forward pass's peak.
+
+    `settle_polls`: `(interval, steady_polls)` of wait_for_rss_to_settle.
+    """
     # First-call setup (kernels, dispatch caches) outside the measured window.
     block(make_layer(impl, config, 1000)(ops.convert_to_tensor(make_ids(1000))))
     ids = ops.convert_to_tensor(make_ids(input_dim))
     layer = make_layer(impl, config, input_dim)
     block([variable.value for variable in layer.weights])
     gc.collect()
-    wait_for_rss_to_settle()
+    wait_for_rss_to_settle(*settle_polls)
     was_reset = reset_peak_rss()
     before_peak = peak_rss_mb()
     outputs = block(layer(ids))

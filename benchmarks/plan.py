@@ -7,6 +7,12 @@ imports a backend. A full run (`make bench`) uses `FULL`; `--quick` uses
 that everything runs.
 """
 
+# Every case looks up a `64 x 32` batch of int32 ids in a table of
+# `output_dim=128`; LoRA is rank 8.
+BATCH_SHAPE = (64, 32)
+OUTPUT_DIM = 128
+LORA_RANK = 8
+
 # The sections of a run, in the order a backend process measures them.
 SECTIONS = ("native_floor", "quantized", "vocab_scaling", "memory")
 
@@ -49,6 +55,9 @@ FULL = {
     # configuration and layer.
     "memory_size": 1_000_000,
     "memory_process_per_measurement": True,
+    # Before measuring, the resident set size must stay put for 4 polls
+    # 0.25 s apart (see peak_memory.wait_for_rss_to_settle).
+    "memory_settle_polls": (0.25, 4),
 }
 
 QUICK = {
@@ -68,6 +77,7 @@ QUICK = {
     # temporaries unseen, so quick peaks are lower bounds at best.
     "memory_size": 10_000,
     "memory_process_per_measurement": False,
+    "memory_settle_polls": (0.05, 2),
 }
 
 

@@ -1,16 +1,21 @@
 """Benchmarks keras_ext_embedding.Embedding against keras.layers.Embedding.
 
-Run by `make bench`. Starts `bench_backend.py` once per backend (Keras reads
-`KERAS_BACKEND` at its first import, so every backend needs a process of its
-own), then once per (backend, implementation) for the peak memory of a LoRA
-forward pass, prints the tables and writes them to `docs/benchmarks.md`.
+Run by `make bench`. Starts `bench_backend.py` once per backend for the
+timings (Keras reads `KERAS_BACKEND` at its first import, so every backend
+needs a process of its own), then fresh processes for peak memory, and
+writes `benchmarks.md`, `benchmarks.json` and the figures in `img/` to the
+output directory.
 
-    python benchmarks/run.py                         # full run, a few minutes
-    python benchmarks/run.py --quick                 # smoke run, smaller sizes
-    python benchmarks/run.py --backends jax,torch
+    python benchmarks/run.py                      # full run, docs/, ~20 min
+    python benchmarks/run.py --quick              # smoke run, a temporary dir
+    python benchmarks/run.py --quick --output-dir /tmp/bench
+    python benchmarks/run.py --backends jax,torch --output-dir /tmp/bench
+    python benchmarks/run.py --from-json docs/benchmarks.json --output-dir docs
 
-`--quick` prints the tables but writes no file unless `--output` is given: the
-docs keep the numbers of a full run.
+A full run writes to `docs/` unless `--output-dir` says otherwise; `--quick`
+without `--output-dir` writes to a fresh temporary directory and prints its
+path, so a smoke run never overwrites the published numbers. `--from-json`
+redraws the page and figures from an earlier run's JSON without measuring.
 """
 
 import argparse
@@ -22,21 +27,24 @@ import json
 import os
 import platform
 import re
+import shlex
 import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
+
+import plots
+import report
+import summary
+from plan import BATCH_SHAPE, LORA_RANK, MEMORY_CONFIGS, OUTPUT_DIM, SECTIONS, plan
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 BENCH = os.path.join(HERE, "bench_backend.py")
-DEFAULT_OUTPUT = os.path.join(ROOT, "docs", "benchmarks.md")
+DEFAULT_OUTPUT_DIR = os.path.join(ROOT, "docs")
 BACKENDS = ("tensorflow", "jax", "torch")
-BACKEND_PACKAGES = {
-    "tensorflow": ("tensorflow-cpu", "tensorflow"),
-    "jax": ("jax", "jaxlib"),
-    "torch": ("torch",),
-}
+IMPLS = ("ours", "keras")
 
 
 def run_bench(backend, arguments):
@@ -70,13 +78,70 @@ def run_bench(backend, arguments):
         return json.loads(stdout.read().strip().splitlines()[-1])
 
 
+def run_all(jobs, runs):
+    """Runs `(backend, arguments)` pairs, `jobs` at a time; returns their
+    results in order. Timings run one at a time (`jobs=1`): processes running
+    side by side on 2 cores would slow each other unevenly."""
+    with ThreadPoolExecutor(max(1, jobs)) as pool:
+        return list(pool.map(lambda run: run_bench(*run), runs))
+
+
+def memory_runs(backends, quick, per_measurement):
+    """`(backend, ["--memory", ...])` runs: one per backend, configuration and
+    layer, or (quick) one per backend measuring them all in turn."""
+    flag = ["--quick"] if quick else []
+    for backend in backends:
+        measurements = [
+            f"{config}:{impl}"
+            for (config, _), impl in itertools.product(MEMORY_CONFIGS, IMPLS)
+        ]
+        if per_measurement:
+            for measurement in measurements:
+                yield backend, [*flag, "--memory", measurement]
+        else:
+            yield backend, [*flag, "--memory", ",".join(measurements)]
+
+
+def measure(args, backends, current):
+    """Runs every process; returns `{backend: result}`."""
+    flag = ["--quick"] if args.quick else []
+    speed_sections = [s for s in args.sections if s != "memory"]
+    speed = []
+    if speed_sections:
+        speed = [(b, [*flag, "--sections", ",".join(speed_sections)]) for b in backends]
+    memory = []
+    if "memory" in args.sections:
+        per_measurement = current["memory_process_per_measurement"]
+        memory = list(memory_runs(backends, args.quick, per_measurement))
+    if args.quick:
+        # A quick run's timings mean nothing anyway: all its processes share
+        # the cores, which keeps the smoke run short.
+        outputs = run_all(len(speed) + len(memory), speed + memory)
+    else:
+        outputs = run_all(1, speed) + run_all(args.jobs, memory)
+    results = {backend: {"backend": backend} for backend in backends}
+    for (backend, _), output in zip(speed + memory, outputs, strict=True):
+        memory_entries = output.pop("memory", [])
+        results[backend].update(output)
+        results[backend].setdefault("memory", []).extend(memory_entries)
+    return results
+
+
 def machine():
     with open("/proc/cpuinfo") as cpuinfo:
         models = re.findall(r"model name\s*:\s*(.*)", cpuinfo.read())
     with open("/proc/meminfo") as meminfo:
         kib = int(re.search(r"MemTotal:\s+(\d+)", meminfo.read()).group(1))
     versions = {"python": platform.python_version()}
-    for package in ("keras", "numpy", "tensorflow-cpu", "jax", "jaxlib", "torch"):
+    for package in (
+        "keras",
+        "numpy",
+        "tensorflow-cpu",
+        "jax",
+        "jaxlib",
+        "torch",
+        "matplotlib",
+    ):
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             versions[package] = importlib.metadata.version(package)
     return {
@@ -89,221 +154,54 @@ def machine():
     }
 
 
-def milliseconds(summary):
-    median = summary["median_ms"]
-    digits = 3 if median < 1 else 2 if median < 10 else 1 if median < 100 else 0
-    return f"{median:.{digits}f} ± {summary['iqr_ms'] / 2:.{digits}f}"
+def document(args, backends, current, results, seconds):
+    """The JSON document of a run: everything the report is drawn from."""
+    settings = {
+        "batch_shape": list(BATCH_SHAPE),
+        "output_dim": OUTPUT_DIM,
+        "lora_rank": LORA_RANK,
+        **current,
+    }
+    # JSON object keys are strings; repetitions per size keep int keys here.
+    settings = json.loads(json.dumps(settings))
+    return {
+        "command": shlex.join(["python", "benchmarks/run.py", *sys.argv[1:]]),
+        "quick": args.quick,
+        "duration_s": seconds,
+        "machine": machine(),
+        "backends": backends,
+        "sections": list(args.sections),
+        "settings": settings,
+        "headline": summary.headline(results, current),
+        "results": results,
+    }
 
 
-def verdict(met):
-    return "n/a" if met is None else "yes" if met else "**no**"
+def write_outputs(data, output_dir):
+    """Writes benchmarks.json, the figures in img/ and benchmarks.md."""
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, "benchmarks.json"), "w") as file:
+        json.dump(data, file, indent=1)
+        file.write("\n")
+    images = plots.write_all(data["results"], os.path.join(output_dir, "img"))
+    with open(os.path.join(output_dir, "benchmarks.md"), "w") as file:
+        file.write(report.markdown(data, images))
 
 
-def speed_table(results):
-    lines = [
-        "| backend | case | mode | ours | reps | ours (ms) | keras (ms) "
-        "| ours/keras | keras/ours | target | met |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|---|---|",
+def missed_targets(data):
+    """`backend case mode variant` of every speed row that missed its target."""
+    return [
+        f"{backend} {row['case']} {row['mode']} {row['variant']}"
+        for backend, result in data["results"].items()
+        for row in result.get("speed", [])
+        if row["met"] is False
     ]
-    for result in results:
-        for row in result["rows"]:
-            variant = f"invalid_ids={row['variant']!r}"
-            lines.append(
-                f"| {result['backend']} | {row['case']} ({row['input_dim']:,} rows) "
-                f"| {row['mode']} | {variant} | {row['ours']['reps']} "
-                f"| {milliseconds(row['ours'])} "
-                f"| {milliseconds(row['keras'])} | {row['ratio']:.2f} "
-                f"| {1 / row['ratio']:.1f}x | {row['target']} | {verdict(row['met'])} |"
-            )
-    return "\n".join(lines)
 
 
-MEMORY_CASES = {
-    "lora": "float32 table, LoRA",
-    "int4": "int4 table (groups of 128)",
-    "int4_lora": "int4 table, LoRA",
-}
-
-
-def memory_table(memory):
-    lines = [
-        "| backend | case | layer | peak RSS increase (MiB) "
-        "| input_dim x output_dim (MiB) | output (MiB) | table-sized temporary |",
-        "|---|---|---|---:|---:|---:|---|",
-    ]
-    for entry in memory:
-        # A temporary the size of the table shows as an increase of at least
-        # half the table; ours should stay near the output size.
-        temporary = entry["peak_increase_mb"] >= entry["table_mb"] / 2
-        lines.append(
-            f"| {entry['backend']} | {MEMORY_CASES[entry['case']]} | {entry['impl']} | "
-            f"{entry['peak_increase_mb']:.1f} | {entry['table_mb']:.0f} | "
-            f"{entry['output_mb']:.1f} | {'yes' if temporary else 'no'} |"
-        )
-    return "\n".join(lines)
-
-
-def table_bytes_table(results):
-    lines = [
-        "| backend | table | input_dim | ours (MiB) | keras (MiB) "
-        "| float32 (MiB) | float32/ours | target | met |",
-        "|---|---|---:|---:|---:|---:|---:|---|---|",
-    ]
-    targets = {"int8": 3.8, "int4 per row": 7.4, "int4 block 128": 7.4}
-    for result in results:
-        for row in result.get("table_bytes", []):
-            smaller = row["float32_bytes"] / row["ours_bytes"]
-            target = targets[row["config"]]
-            lines.append(
-                f"| {result['backend']} | {row['config']} | {row['input_dim']:,} "
-                f"| {row['ours_bytes'] / 2**20:.1f} | {row['keras_bytes'] / 2**20:.1f} "
-                f"| {row['float32_bytes'] / 2**20:.1f} | {smaller:.2f}x "
-                f"| >= {target}x | {verdict(smaller >= target)} |"
-            )
-    return "\n".join(lines)
-
-
-def memory_targets_met(memory):
-    """Ours must add no table-sized temporary. Keras's rows are for comparison:
-    an allocator that serves a temporary from memory it already holds (as
-    TensorFlow's does) hides it from the resident set size."""
-    return all(
-        entry["peak_increase_mb"] < entry["table_mb"] / 2
-        for entry in memory
-        if entry["impl"] == "ours"
-    )
-
-
-def report(args, info, results, memory, seconds):
-    versions = ", ".join(f"{name} {v}" for name, v in info["versions"].items())
-    quick = " (`--quick`: smaller sizes, few repetitions)" if args.quick else ""
-    memory_rows = memory_table(memory) if memory else "(not measured)"
-    memory_dim = f"{memory[0]['input_dim']:,}" if memory else "-"
-    memory_met = "met" if memory and memory_targets_met(memory) else "**not met**"
-    return f"""# Benchmarks
-
-Generated by `make bench` (`python benchmarks/run.py`){quick} on
-{info["date"]}, in {seconds / 60:.1f} minutes. Do not edit by hand: rerun
-the command to refresh the numbers.
-
-`keras_ext_embedding.Embedding` ("ours", default configuration:
-`invalid_ids="raise"`, plus `invalid_ids="zeros"` for plain lookups) against
-`keras.layers.Embedding` ("keras"), both in the same process on the same ids
-(a `64 x 32` int32 batch, already a backend tensor) and the same weights,
-`output_dim=128`, LoRA rank 8.
-
-## Machine
-
-- CPU: {info["cpu"]}, {info["cores"]} cores; RAM {info["ram_gib"]:.0f} GiB;
-  {info["os"]}; no GPU used.
-- Versions: {versions}.
-
-The machine is shared with other jobs (test suites of other work ran at the
-same time) and has only {info["cores"]} cores, so single timings are noisy,
-at times by a factor of two. Every number below is a **median** over
-repetitions (`reps`), shown as `median ± IQR/2` (half the interquartile
-range). Each repetition times ours and Keras's back to back, alternating
-which goes first, so that load from other processes hits both alike; ratios
-of medians are steadier than the absolute times. Differences within about
-10% are within the noise of this machine.
-
-## Speed
-
-`ours/keras` below 1 means ours is faster; `keras/ours` is the speedup.
-
-{speed_table(results)}
-
-## Table memory of the quantized layers
-
-The bytes of every variable of the layer (quantized table, scales, zero
-points, `g_idx`), against the float32 table, `output_dim=128`. Ours and
-Keras's hold the same variables.
-
-{table_bytes_table(results)}
-
-## Peak memory of one forward pass
-
-`input_dim={memory_dim}`, `output_dim=128`, LoRA rank 8. Cases: a float32
-table with LoRA (the table alone is 488 MiB at 1M rows), an int4 table in
-Keras's default groups of 128, and the int4 table with LoRA. Each row is a
-fresh process (one per backend, case and layer). Imports and first-call setup
-run on a small layer; then the layer is built (an int4 layer directly with
-the dtype policy `int4/128_from_float32`: quantizing a float table first
-would leave TensorFlow's allocator holding the freed table, and the forward
-pass's temporaries would reuse it unseen), its variables are waited for,
-and the process waits until its resident set size stays put for a second
-(JAX computes and frees the initializer's gigabyte of temporaries
-asynchronously, after `build()` returns). Then the peak resident
-set size is lowered to the current one (`/proc/self/clear_refs`) and the
-increase of the peak (`resource.getrusage(...).ru_maxrss`) over one eager
-forward pass is reported. Memory an allocator reuses without asking the OS
-does not show, so an increase is a lower bound of what the pass allocates.
-"table-sized temporary" means an increase of at least half an
-`input_dim x output_dim` array in the dtype such a temporary would have:
-float32 for the float table, int8 for an unpacked int4 table.
-
-{memory_rows}
-
-Target: ours adds no `input_dim x output_dim` temporary: {memory_met}.
-Keras's layer makes one in every case (the unit suite shows it in the
-computation itself); where a Keras row shows none, its allocator served the
-temporary from memory it already held, which the resident set size does not
-see.
-
-## How it is measured
-
-- `benchmarks/run.py` starts `benchmarks/bench_backend.py` in one process per
-  backend (`KERAS_BACKEND` set, `TF_CPP_MIN_LOG_LEVEL=3`), then one process
-  per (backend, layer) for memory. `--quick` runs smaller sizes and fewer
-  repetitions, `--backends jax,torch` a subset.
-- Every callable is warmed up first (first calls trace and compile), then
-  timed with `time.perf_counter()`. JAX dispatches asynchronously, so each
-  timed call ends with `jax.block_until_ready` on its result; TensorFlow and
-  PyTorch on CPU return finished tensors; `train_on_batch` returns the loss
-  as Python floats, after the step has finished.
-- Before timing, the outputs of both layers are checked equal on the ids.
-- **lookup**: no LoRA. *eager*: `layer(ids)`. *tf.function*:
-  `tf.function(layer.__call__, jit_compile=False)`; *tf.function XLA*: the
-  same with `jit_compile=True`. *jax.jit*: `jax.jit` of
-  `layer.stateless_call(trainable, non_trainable, ids)`. *torch.compile*:
-  `torch.compile(layer.__call__)`, for information only: on CPU each first
-  call compiles for seconds, and the compiled call is slower than eager for
-  both layers (guards and graph breaks in Keras's `Layer.__call__`); Keras
-  itself does not compile on PyTorch by default.
-- **lora_forward**: `lora_rank=8` for both layers, with a non-zero `B` so
-  that the delta is real work; eager and compiled as above.
-- **int8 / int4 lookup**: no LoRA, `input_dim=1,000,000` (100,000 with
-  `--quick`); both layers quantized alike from the same float table with
-  `quantize(mode, config=...)`: int8, int4 with one scale per row
-  (`block_size=None`), and int4 in Keras's default groups of 128. Keras's
-  int4 call unpacks the whole table before its gather; ours gathers the packed
-  rows and unpacks those.
-- **int8 / int4 LoRA forward**: the same quantized tables with `enable_lora(8)`
-  and a non-zero `B`; ours on int8 and on int4 (groups of 128) against Keras's
-  LoRA on int8 (the target), and ours on int4 against Keras's on int4 (for
-  information).
-- **lora_train**: `Input -> Embedding(lora_rank=8) -> GlobalAveragePooling1D`,
-  `compile(SGD(0.01), "mse")`, one `model.train_on_batch(ids, targets)` per
-  repetition. Keras's default execution per backend: XLA on JAX,
-  `tf.function` without XLA on a TensorFlow CPU, eager on PyTorch (where
-  ours checks the ids on the host at every step).
-- In the LoRA cases, a Keras call at 1M rows leaves work running after it
-  returns (gigabytes of temporaries to free), which slowed whatever call came
-  next: timed right after it, our JAX training step measured 5x its steady
-  time. So there each timed call follows an untimed call of the same layer,
-  which absorbs the other layer's leftovers; each layer still pays for its
-  own previous call, as in a training loop.
-- PyTorch runs with `OMP_WAIT_POLICY=PASSIVE` (unless set otherwise): with
-  the default policy, on this loaded machine, every multi-threaded op at
-  times stalled until the next scheduler tick, so that a 0.1 ms lookup took
-  exactly 8 ms for both layers.
-"""
-
-
-def main():
+def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--quick", action="store_true", help="smoke run: smaller sizes, few reps"
+        "--quick", action="store_true", help="smoke run: tiny sizes, few reps"
     )
     parser.add_argument(
         "--backends",
@@ -311,60 +209,64 @@ def main():
         help="comma-separated subset of tensorflow,jax,torch",
     )
     parser.add_argument(
-        "--output",
-        help=f"markdown file to write (default: {DEFAULT_OUTPUT} on a full run, "
-        "none with --quick)",
+        "--sections",
+        default=",".join(SECTIONS),
+        help=f"comma-separated subset of {','.join(SECTIONS)}",
     )
     parser.add_argument(
-        "--no-memory", action="store_true", help="skip the peak memory processes"
+        "--output-dir",
+        help="where benchmarks.md, benchmarks.json and img/ go (default: docs/ "
+        "on a full run, a new temporary directory with --quick)",
+    )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=2,
+        help="memory processes run at once (default 2; timings: always one)",
+    )
+    parser.add_argument(
+        "--from-json",
+        metavar="PATH",
+        help="redraw the page and figures from this JSON; measure nothing",
     )
     args = parser.parse_args()
-    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-    unknown = sorted(set(backends) - set(BACKENDS))
-    if unknown:
-        parser.error(f"unknown backends {unknown}; choose from {list(BACKENDS)}")
-    output = args.output or (None if args.quick else DEFAULT_OUTPUT)
-    quick = ["--quick"] if args.quick else []
+    args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    for name, chosen, known in (
+        ("backends", args.backends, BACKENDS),
+        ("sections", args.sections, SECTIONS),
+    ):
+        unknown = sorted(set(chosen) - set(known))
+        if unknown:
+            parser.error(f"unknown {name} {unknown}; choose from {list(known)}")
+    return args
 
-    start = time.monotonic()
-    info = machine()
-    results = []
-    for backend in backends:
-        print(f"[{backend}] speed", flush=True)
-        results.append(run_bench(backend, quick))
-    memory = []
-    if not args.no_memory:
-        for backend in backends:
-            for case, impl in itertools.product(MEMORY_CASES, ("ours", "keras")):
-                print(f"[{backend}] peak memory, {case}, {impl}", flush=True)
-                entry = run_bench(
-                    backend, [*quick, "--memory", impl, "--memory-case", case]
-                )
-                print(f"  {entry['peak_increase_mb']:.1f} MB", flush=True)
-                memory.append(entry)
-    seconds = time.monotonic() - start
 
-    print()
-    print(speed_table(results))
-    print()
-    print(table_bytes_table(results))
-    if memory:
-        print()
-        print(memory_table(memory))
-    missed = [
-        f"{r['backend']} {row['case']} {row['mode']} {row['variant']}"
-        for r in results
-        for row in r["rows"]
-        if row["met"] is False
-    ]
-    if memory and not memory_targets_met(memory):
-        missed.append("peak memory")
-    print(f"\nTargets missed: {', '.join(missed) if missed else 'none'}")
-    print(f"Total: {seconds / 60:.1f} minutes")
-    if output:
-        with open(output, "w") as file:
-            file.write(report(args, info, results, memory, seconds))
-        print(f"Wrote {os.path.relpath(output, ROOT)}")
+def output_dir_of(args):
+    if args.output_dir:
+        return args.output_dir
+    if args.quick:
+        return tempfile.mkdtemp(prefix="keras_ext_embedding_bench_")
+    return DEFAULT_OUTPUT_DIR
+
+
+def main():
+    args = parse_args()
+    output_dir = output_dir_of(args)
+    if args.from_json:
+        with open(args.from_json) as file:
+            data = json.load(file)
+    else:
+        current = plan(args.quick)
+        start = time.monotonic()
+        results = measure(args, args.backends, current)
+        seconds = time.monotonic() - start
+        data = document(args, args.backends, current, results, seconds)
+        missed = missed_targets(data)
+        print(f"Targets missed: {', '.join(missed) if missed else 'none'}")
+        print(f"Total: {seconds / 60:.1f} minutes")
+    write_outputs(data, output_dir)
+    print(f"Wrote benchmarks.md, benchmarks.json and img/ to {output_dir}")
     return 0
 
 

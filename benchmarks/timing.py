@@ -11,11 +11,9 @@ import time
 
 import keras
 import numpy as np
+from plan import BATCH_SHAPE
 
 BACKEND = keras.config.backend()
-BATCH_SHAPE = (64, 32)
-OUTPUT_DIM = 128
-LORA_RANK = 8
 SEED = 0
 
 

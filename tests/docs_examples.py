@@ -6,7 +6,8 @@ example prints is written in the page as a comment: after the `print(...)`
 on the same line (`print(x.shape)  # (2, 4)`), or as the comment lines just
 below it when it is long. Every `print` of a Python block must say what it
 prints; `...` stands for any text, and runs of whitespace compare equal, as
-in doctest. A block that cannot run in a test says so just above its fence:
+in doctest. A bash block's stdout is compared with the trailing comments of
+its printing lines (Python's `print(` inside it, or `echo`). A block that cannot run in a test says so just above its fence:
 `<!-- docs-test: skip (why) -->`.
 """
 
@@ -111,11 +112,12 @@ def instrument(block, filename):
 
 
 def bash_expectations(block):
-    """A bash block's expected stdout: its trailing `# ...` comments, in
-    order (each after the command whose output it is)."""
+    """A bash block's expected stdout: the trailing `# ...` comments of its
+    lines that print (a `print(` of inline Python, or `echo`), in order."""
     expected = []
     for line in block.source.splitlines():
         match = re.search(r"\s#\s?(.*)$", line)
-        if match and not line.lstrip().startswith("#"):
+        prints = "print(" in line or line.lstrip().startswith("echo ")
+        if match and prints:
             expected.append(match.group(1))
     return "\n".join(expected)

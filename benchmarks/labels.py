@@ -1,0 +1,40 @@
+"""Names the report and the plots show for backends, modes and configurations."""
+
+from plan import MEMORY_CONFIGS
+
+BACKEND_TITLES = {"tensorflow": "TensorFlow", "jax": "JAX", "torch": "PyTorch"}
+
+# The compiled forward pass a plot shows per backend: Keras's default on
+# each (tf.function without XLA on a TensorFlow CPU). PyTorch has none in the
+# scaling section: Keras does not compile on PyTorch by default, and
+# torch.compile takes seconds per layer and size.
+PLOTTED_COMPILED_MODE = {"tensorflow": "tf.function", "jax": "jax.jit"}
+
+# The backend's own gather, per mode, as the native-floor rows name it.
+NATIVE_OPS = {
+    "eager": {
+        "tensorflow": "`tf.gather`",
+        "jax": "`jnp.take`",
+        "torch": "`torch.nn.functional.embedding`",
+    },
+    "tf.function": "`tf.gather` in `tf.function`",
+    "tf.function XLA": "`tf.gather` in `tf.function(jit_compile=True)`",
+    "jax.jit": "`jax.jit(jnp.take)`",
+    "torch.compile": "`torch.compile(embedding)`",
+}
+
+MEMORY_LABELS = dict(MEMORY_CONFIGS)
+
+
+def native_op(backend, mode):
+    name = NATIVE_OPS[mode]
+    return name[backend] if isinstance(name, dict) else name
+
+
+def rows_label(input_dim):
+    """`1M`, `100k`, `4M`: short vocabulary sizes for plot labels."""
+    if input_dim >= 1_000_000 and input_dim % 1_000_000 == 0:
+        return f"{input_dim // 1_000_000}M"
+    if input_dim >= 1_000 and input_dim % 1_000 == 0:
+        return f"{input_dim // 1_000}k"
+    return f"{input_dim:,}"

@@ -1,0 +1,68 @@
+"""The headline ratios, computed from the measured results.
+
+`headline(results, settings)` returns, per backend, the few numbers the top
+of `docs/benchmarks.md` quotes; `run.py` stores them in the JSON as well. A
+number a run did not measure (a section or a mode left out) is None.
+"""
+
+
+def find(rows, **match):
+    """The first row whose fields equal `match`, or None."""
+    return next(
+        (row for row in rows if all(row.get(k) == v for k, v in match.items())),
+        None,
+    )
+
+
+def speedup(row):
+    """Keras's time over ours (above 1: ours is faster)."""
+    return None if row is None else 1 / row["ratio"]
+
+
+def lora_speedups(scaling, input_dim):
+    forward = [
+        row
+        for row in scaling
+        if row["kind"] == "forward" and row["lora"] and row["input_dim"] == input_dim
+    ]
+    return {
+        "forward": {row["mode"]: speedup(row) for row in forward},
+        "train": speedup(find(scaling, kind="train", lora=True, input_dim=input_dim)),
+    }
+
+
+def native_ratios(floor, input_dim):
+    return {
+        row["mode"]: {
+            "ours_over_native": row["ours_over_native"],
+            "keras_over_native": row["keras_over_native"],
+        }
+        for row in floor
+        if row["input_dim"] == input_dim
+    }
+
+
+def int4_table_ratio(table_bytes):
+    """float32 table bytes over our int4 (groups of 128) layer's bytes."""
+    row = find(table_bytes, config="int4 block 128")
+    return None if row is None else row["float32_bytes"] / row["ours_bytes"]
+
+
+def headline(results, settings):
+    lora_size = settings["lora_case_size"]
+    native_size = max(settings["native_sizes"])
+    return {
+        "lora_input_dim": lora_size,
+        "native_input_dim": native_size,
+        "quantized_input_dim": settings["quantized_size"],
+        "backends": {
+            backend: {
+                "lora_speedup": lora_speedups(
+                    result.get("vocab_scaling", []), lora_size
+                ),
+                "native": native_ratios(result.get("native_floor", []), native_size),
+                "int4_table_ratio": int4_table_ratio(result.get("table_bytes", [])),
+            }
+            for backend, result in results.items()
+        },
+    }
