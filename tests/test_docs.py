@@ -1,6 +1,6 @@
 """Every example of the documentation runs, and prints what the page says.
 
-The guides' code blocks (`docs/index.md`, `docs/guides/*.md`) and the
+The guides' code blocks (`README.md`, `docs/index.md`, `docs/guides/*.md`) and the
 docstring examples of the public API (shown on the API reference page) run
 on the active backend; the suite runs once per backend, so each example runs
 on TensorFlow, JAX and PyTorch. The site itself is built by `make docs`
@@ -23,8 +23,9 @@ import pytest
 
 import keras_ext_embedding
 
-DOCS = pathlib.Path(__file__).resolve().parent.parent / "docs"
-PAGES = [DOCS / "index.md", *sorted((DOCS / "guides").glob("*.md"))]
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs"
+PAGES = [ROOT / "README.md", DOCS / "index.md", *sorted((DOCS / "guides").glob("*.md"))]
 PUBLIC = [
     keras_ext_embedding.Embedding,
     keras_ext_embedding.InvalidIdError,
@@ -34,7 +35,7 @@ PUBLIC = [
 
 
 def page_id(page):
-    return str(page.relative_to(DOCS))
+    return str(page.relative_to(ROOT))
 
 
 @pytest.fixture
@@ -47,7 +48,7 @@ def fresh_global_state():
 
 
 def test_every_guide_has_examples():
-    assert len(PAGES) >= 9
+    assert len(PAGES) >= 10
     for page in PAGES:
         assert docs_examples.runnable(page.read_text()), f"{page_id(page)} runs nothing"
 
