@@ -7,7 +7,8 @@ on the same line (`print(x.shape)  # (2, 4)`), or as the comment lines just
 below it when it is long. Every `print` of a Python block must say what it
 prints; `...` stands for any text, and runs of whitespace compare equal, as
 in doctest. A bash block's stdout is compared with the trailing comments of
-its printing lines (Python's `print(` inside it, or `echo`). A block that cannot run in a test says so just above its fence:
+its printing lines (Python's `print(` inside it, or `echo`). A block that
+cannot run in a test says so just above its fence:
 `<!-- docs-test: skip (why) -->`.
 """
 
