@@ -31,6 +31,8 @@ from plan import plan
 from timing import BACKEND, SEED
 
 SPEED_SECTIONS = ("native_floor", "quantized", "vocab_scaling")
+# "memory" in --sections: every configuration in turn, in this process.
+SECTIONS = (*SPEED_SECTIONS, "memory")
 
 
 def progress(text):
@@ -52,7 +54,7 @@ def collector(rows, describe, names):
     return report
 
 
-def speed(args):
+def measure_sections(args):
     current = plan(args.quick)
     sections = args.sections.split(",")
     result = {"backend": BACKEND, "versions": versions()}
@@ -73,6 +75,9 @@ def speed(args):
         rows = result["vocab_scaling"] = []
         describe = "scaling {kind} {input_dim:,} rows lora={lora} {mode}".format_map
         vocab_scaling.bench(current, collector(rows, describe, pair))
+    if "memory" in sections:
+        # Last: the measurements need no timing, and free what they build.
+        result["memory"] = memory(current, peak_memory.MEASUREMENTS)
     result["speed"] = [
         *native_floor.lookup_rows(current, result.get("native_floor", [])),
         *result.pop("quantized", []),
@@ -85,11 +90,10 @@ def speed(args):
     return result
 
 
-def memory(args):
-    current = plan(args.quick)
+def memory(current, measurements):
+    """`peak_memory.measure` of each `(config, impl)` in turn."""
     entries = []
-    for measurement in args.memory.split(","):
-        config, impl = measurement.split(":")
+    for config, impl in measurements:
         entry = peak_memory.measure(
             impl, config, current["memory_size"], current["memory_settle_polls"]
         )
@@ -98,7 +102,7 @@ def memory(args):
             f"peak +{entry['peak_increase_mb']:.1f} MiB"
         )
         entries.append(entry)
-    return {"backend": BACKEND, "memory": entries}
+    return entries
 
 
 def versions():
@@ -124,7 +128,7 @@ def main():
     parser.add_argument(
         "--sections",
         default=",".join(SPEED_SECTIONS),
-        help=f"comma-separated subset of {','.join(SPEED_SECTIONS)}",
+        help=f"comma-separated subset of {','.join(SECTIONS)}",
     )
     parser.add_argument(
         "--memory",
@@ -134,7 +138,12 @@ def main():
     )
     args = parser.parse_args()
     keras.utils.set_random_seed(SEED)
-    result = memory(args) if args.memory else speed(args)
+    if args.memory:
+        measurements = [m.split(":") for m in args.memory.split(",")]
+        entries = memory(plan(args.quick), measurements)
+        result = {"backend": BACKEND, "memory": entries}
+    else:
+        result = measure_sections(args)
     print(json.dumps(result))
 
 

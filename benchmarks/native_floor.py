@@ -7,13 +7,11 @@ the speed table (ours against Keras, `invalid_ids` "raise" and "zeros")
 comes from the same measurements, at `plan["lookup_size"]` rows.
 """
 
-import gc
-
 import numpy as np
 from keras import ops
 from layers import build_pair, check_same, forwards
 from plan import OUTPUT_DIM
-from timing import BACKEND, compare, make_ids, timed
+from timing import BACKEND, compare, make_ids, release_memory, timed
 
 import keras_ext_embedding
 
@@ -21,7 +19,7 @@ import keras_ext_embedding
 CALLABLES = ("ours", "ours_zeros", "keras", "native")
 
 
-def native_forwards(table):
+def native_forwards(table, torch_compile):
     """`{mode: callable(ids)}` of the backend's gather on `table`, eager and
     compiled as `layers.forwards` compiles the layers."""
     if BACKEND == "tensorflow":
@@ -53,6 +51,8 @@ def native_forwards(table):
     def embedding(ids):
         return torch.nn.functional.embedding(ids, table)
 
+    if not torch_compile:
+        return {"eager": embedding}
     return {"eager": embedding, "torch.compile": torch.compile(embedding)}
 
 
@@ -83,12 +83,13 @@ def measure_size(plan, input_dim, report):
     zeros = zeros_twin(ours)
     check_same(ours, theirs, ids)
     check_same(zeros, theirs, ids)
+    torch_compile = input_dim in plan["torch_compile_sizes"]
     layer_modes = {
-        "ours": forwards(ours, torch_compile=True),
-        "ours_zeros": forwards(zeros, torch_compile=True),
-        "keras": forwards(theirs, torch_compile=True),
+        "ours": forwards(ours, torch_compile),
+        "ours_zeros": forwards(zeros, torch_compile),
+        "keras": forwards(theirs, torch_compile),
         # The variable's own backend value: the same table, no copy.
-        "native": native_forwards(ours.embeddings.value),
+        "native": native_forwards(ours.embeddings.value, torch_compile),
     }
     for mode in layer_modes["native"]:
         by_name = {name: layer_modes[name][mode] for name in CALLABLES}
@@ -112,7 +113,7 @@ def measure_size(plan, input_dim, report):
             first_call_s=first,
         )
     del ours, theirs, zeros, layer_modes
-    gc.collect()
+    release_memory()
 
 
 def lookup_rows(plan, floor_rows):

@@ -11,7 +11,6 @@ process waits until its resident set size stays put. Then the peak is
 lowered to the current size and one eager forward pass is measured.
 """
 
-import gc
 import re
 import resource
 import time
@@ -21,7 +20,7 @@ import numpy as np
 from keras import ops
 from layers import nonzero_lora_b, variable_bytes
 from plan import LORA_RANK, OUTPUT_DIM
-from timing import block, make_ids
+from timing import block, make_ids, release_memory
 
 import keras_ext_embedding
 
@@ -41,6 +40,10 @@ CONFIGS = {
     "float32_lora": (None, True, 4),
     "int4_lora": ("int4/128_from_float32", True, 1),
 }
+
+
+# Every (configuration, implementation) a run measures.
+MEASUREMENTS = [(config, impl) for config in CONFIGS for impl in LAYER_CLASSES]
 
 
 def peak_rss_mb():
@@ -105,7 +108,7 @@ def measure(impl, config, input_dim, settle_polls):
     ids = ops.convert_to_tensor(make_ids(input_dim))
     layer = make_layer(impl, config, input_dim)
     block([variable.value for variable in layer.weights])
-    gc.collect()
+    release_memory()
     wait_for_rss_to_settle(*settle_polls)
     was_reset = reset_peak_rss()
     before_peak = peak_rss_mb()
@@ -129,5 +132,5 @@ def measure(impl, config, input_dim, settle_polls):
         "peak_was_reset": was_reset,
     }
     del layer, outputs
-    gc.collect()
+    release_memory()
     return entry

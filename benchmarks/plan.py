@@ -36,6 +36,7 @@ FULL = {
     "native_warmup": 5,
     "lookup_size": 100_000,
     # torch.compile calls are slower and vary more; fewer repetitions.
+    "torch_compile_sizes": (100_000, 1_000_000),
     "torch_compile_reps": 30,
     # int8 / int4 lookups and LoRA on quantized tables.
     "quantized_size": 1_000_000,
@@ -54,7 +55,7 @@ FULL = {
     # Peak memory of one forward pass: one fresh process per backend,
     # configuration and layer.
     "memory_size": 1_000_000,
-    "memory_process_per_measurement": True,
+    "memory_in_timing_process": False,
     # Before measuring, the resident set size must stay put for 4 polls
     # 0.25 s apart (see peak_memory.wait_for_rss_to_settle).
     "memory_settle_polls": (0.25, 4),
@@ -65,6 +66,8 @@ QUICK = {
     "native_reps": {1_000: 3, 10_000: 3},
     "native_warmup": 1,
     "lookup_size": 10_000,
+    # Each torch.compile of a layer takes seconds: one size only.
+    "torch_compile_sizes": (10_000,),
     "torch_compile_reps": 3,
     "quantized_size": 10_000,
     "quantized_reps": 3,
@@ -72,11 +75,12 @@ QUICK = {
     "scaling_reps": {1_000: 3, 10_000: 3, 100_000: 3},
     "lora_case_size": 100_000,
     "settle_from": 100_000,
-    # One process per backend measures every configuration in turn: cheap,
-    # but memory an earlier measurement freed can serve a later one's
-    # temporaries unseen, so quick peaks are lower bounds at best.
-    "memory_size": 10_000,
-    "memory_process_per_measurement": False,
+    # The timing process measures every configuration in turn at the end:
+    # no process to start, but memory freed before can serve a later
+    # measurement's temporaries unseen, so quick peaks mean little. The size
+    # of the first-call setup layer, so that its compiled kernels serve.
+    "memory_size": 1_000,
+    "memory_in_timing_process": True,
     "memory_settle_polls": (0.05, 2),
 }
 

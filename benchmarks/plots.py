@@ -6,6 +6,7 @@ is drawn only from the measured results; a backend or section a run left
 out just leaves its panel empty.
 """
 
+import math
 import os
 
 import matplotlib
@@ -22,8 +23,22 @@ from labels import (
 from matplotlib.ticker import FuncFormatter
 
 DPI = 110
-# Log axes labelled 0.1, 1, 10 rather than 10^-1, 10^0, 10^1.
-PLAIN = FuncFormatter(lambda value, _: f"{value:g}")
+
+
+def minor_label(value, _):
+    """Labels minor log ticks at 2 and 5 times a power of ten only."""
+    if value <= 0:
+        return ""
+    leading = round(value / 10 ** math.floor(math.log10(value)))
+    return f"{value:g}" if leading in (2, 5) else ""
+
+
+def plain_y_labels(axes):
+    """Log axes labelled 0.1, 0.2, 0.5, 1 rather than 10^-1, 2x10^-1, ..."""
+    axes.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    axes.yaxis.set_minor_formatter(FuncFormatter(minor_label))
+
+
 OURS, KERAS = "tab:blue", "tab:orange"
 # (implementation, LoRA): (label, colour, line style, marker).
 SCALING_LINES = {
@@ -53,7 +68,7 @@ def scaling_panel(axes, rows, title, missing="not measured"):
         )
     axes.set_xscale("log")
     axes.set_yscale("log")
-    axes.yaxis.set_major_formatter(PLAIN)
+    plain_y_labels(axes)
     axes.set_xlabel("vocabulary size (rows, output_dim=128)")
     axes.set_ylabel("median time per call (ms)")
     axes.grid(True, which="major", alpha=0.3)
@@ -153,8 +168,7 @@ def native_floor(results, path):
     grouped_bars(axes, groups, series)
     axes.axhline(1, color="black", linewidth=1, label="native op (1.0)")
     axes.set_yscale("log")
-    axes.yaxis.set_major_formatter(PLAIN)
-    axes.yaxis.set_minor_formatter(PLAIN)
+    plain_y_labels(axes)
     axes.set_ylabel("time / time of the native op (log scale)")
     axes.grid(True, axis="y", which="both", alpha=0.3)
     axes.legend(fontsize="small")
@@ -177,7 +191,13 @@ def memory_panel(axes, entries, field, title, ylabel, scale):
     axes.set_title(title)
     axes.set_ylabel(ylabel)
     axes.set_yscale(**scale)
-    axes.yaxis.set_major_formatter(PLAIN)
+    shown = [v for _, _, _, values in series for v in values if v]
+    if scale["value"] == "log" and shown:
+        # Room below the smallest bar, which would otherwise start at the axis.
+        axes.set_ylim(bottom=min(shown) / 2)
+    else:
+        axes.set_ylim(bottom=0)
+    plain_y_labels(axes)
     axes.grid(True, axis="y", alpha=0.3)
     axes.legend(fontsize="small")
 
@@ -217,7 +237,10 @@ def finish(figure, title, path):
     handles, labels = figure.axes[0].get_legend_handles_labels()
     if handles and not figure.axes[0].get_legend():
         # Scaling figures: one legend for all panels, which share their lines.
-        figure.legend(handles, labels, loc="lower center", ncol=len(handles))
+        columns = figure.axes[0].get_gridspec().ncols
+        figure.legend(
+            handles, labels, loc="lower center", ncol=min(len(handles), 2 * columns)
+        )
         figure.tight_layout(rect=(0, 0.06, 1, 1))
     else:
         figure.tight_layout()

@@ -5,12 +5,10 @@ Both layers are quantized alike from the same float table with
 before its gather; ours gathers the packed rows and unpacks those.
 """
 
-import gc
-
 from keras import ops
 from layers import check_same, compare_forwards, quantized_pair, variable_bytes
 from plan import LORA_RANK, OUTPUT_DIM
-from timing import make_ids
+from timing import make_ids, release_memory
 
 # (label, mode, Int4QuantizationConfig block_size): Keras's int8, its int4
 # with one scale per row, and its default int4 (groups of 128).
@@ -26,6 +24,31 @@ def lookup_target(mode, ratio):
     if mode == "int8":
         return "ratio <= 1.20", ratio <= 1.20
     return "speedup >= 20x at 1M rows", 1 / ratio >= 20
+
+
+def lora_target(result):
+    """LoRA on our quantized tables must cost at most 1.1x Keras's on int8."""
+    return "ratio <= 1.10", result["ratio"] <= 1.10
+
+
+def no_target(result):
+    return "none (for information)", None
+
+
+def report_timings(report, case, input_dim, timings, target_of):
+    """Reports each `(mode, result)` of compare_forwards as a speed row;
+    `target_of(result)` gives its `(target, met)`."""
+    for mode, result in timings:
+        target, met = target_of(result)
+        report(
+            case=case,
+            mode=mode,
+            variant="raise",
+            input_dim=input_dim,
+            target=target,
+            met=met,
+            **result,
+        )
 
 
 def bench_lookups(plan, report, table_report):
@@ -46,19 +69,15 @@ def bench_lookups(plan, report, table_report):
         timings = compare_forwards(
             ours, theirs, ids, plan["quantized_reps"], 2, settle=mode == "int4"
         )
-        for call_mode, result in timings:
-            target, met = lookup_target(mode, result["ratio"])
-            report(
-                case=f"{label} lookup",
-                mode=call_mode,
-                variant="raise",
-                input_dim=input_dim,
-                target=target,
-                met=met,
-                **result,
-            )
+        report_timings(
+            report,
+            f"{label} lookup",
+            input_dim,
+            timings,
+            lambda result, mode=mode: lookup_target(mode, result["ratio"]),
+        )
         del ours, theirs
-        gc.collect()
+        release_memory()
 
 
 def bench_lora(plan, report):
@@ -79,20 +98,13 @@ def bench_lora(plan, report):
         timings = compare_forwards(
             ours, theirs, ids, plan["quantized_reps"], 2, settle=True
         )
-        for call_mode, result in timings:
-            if "int8" in against:
-                target, met = "ratio <= 1.10", result["ratio"] <= 1.10
-            else:
-                target, met = "none (for information)", None
-            report(
-                case=f"{label} forward {against}",
-                mode=call_mode,
-                variant="raise",
-                input_dim=input_dim,
-                target=target,
-                met=met,
-                **result,
-            )
+        report_timings(
+            report,
+            f"{label} forward {against}",
+            input_dim,
+            timings,
+            lora_target if "int8" in against else no_target,
+        )
 
 
 def bench(plan, report, table_report):

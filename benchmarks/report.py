@@ -145,7 +145,7 @@ def scaling_table(data):
     ]
     header = ["backend", "rows", "LoRA", "pass", "mode", "reps"]
     header += ["ours (ms)", "keras (ms)", "keras/ours"]
-    return table(header, "lrllllrrr", rows)
+    return table(header, "lrlllrrrr", rows)
 
 
 def native_table(data):
@@ -208,15 +208,15 @@ def memory_table(data):
             entry["impl"],
             f"{entry['table_bytes'] / 2**20:.1f}",
             f"{entry['peak_increase_mb']:.1f}",
-            f"{entry['temporary_mb']:.0f}",
+            number(entry["temporary_mb"]),
             f"{entry['output_mb']:.1f}",
             "yes" if has_temporary(entry) else "no",
         ]
         for backend, entry in backend_rows(data, "memory")
     ]
     header = ["backend", "configuration", "layer", "table (MiB)"]
-    header += ["peak RSS increase (MiB)", "table-sized temporary (MiB)"]
-    header += ["output (MiB)", "table-sized temporary made"]
+    header += ["peak RSS increase (MiB)", "a table-sized temporary (MiB)"]
+    header += ["output (MiB)", "table-sized temporary"]
     return table(header, "lllrrrrl", rows)
 
 
@@ -276,6 +276,7 @@ in [benchmarks.json](benchmarks.json).{quick}
 
 
 def speed_sections(data, images):
+    sizes = ", ".join(f"{size:,}" for size in data["settings"]["scaling_sizes"])
     return f"""## Speed against Keras
 
 `ours/keras` below 1 means ours is faster; `keras/ours` is the speedup. The
@@ -287,7 +288,7 @@ def speed_sections(data, images):
 ## Scaling with the vocabulary size
 
 Forward pass and one training step of ours and Keras's layer, without and
-with LoRA, from 10k to 4M rows (a `--quick` run: smaller). Keras's LoRA call
+with LoRA, at {sizes} rows. Keras's LoRA call
 rebuilds the whole `input_dim x output_dim` table, so its time grows with the
 vocabulary; ours gathers the looked-up rows only. The compiled panels show
 Keras's default compiled call: `tf.function` without XLA on TensorFlow (XLA
@@ -316,6 +317,14 @@ mode, and ours checks the ids (`invalid_ids="raise"`) or masks invalid ones
 def memory_sections(data, images):
     memory = [entry for _, entry in backend_rows(data, "memory")]
     size = f"{memory[0]['input_dim']:,}" if memory else "-"
+    if data["settings"]["memory_in_timing_process"]:
+        processes = (
+            "all measured one after the other in the timing process of the "
+            "backend (a `--quick` run: memory freed before can hide a "
+            "temporary)"
+        )
+    else:
+        processes = "each measured in a fresh process (see below)"
     return f"""## Table memory of the quantized layers
 
 The bytes of every variable of the layer (quantized table, scales, zero
@@ -328,12 +337,12 @@ Keras's hold the same variables.
 
 `input_dim={size}`, `output_dim=128`; "table" is the sum of the bytes of
 the layer's variables (LoRA factors included). The peak RSS increase is that
-of one eager forward pass, each measured in a fresh process (see below).
-"table-sized temporary" is the size of an `input_dim x output_dim` array in
-the dtype such a temporary would have: float32 for a float32 table (with the LoRA delta
-added) and for a dequantized int8 table, bfloat16 for a bfloat16 table,
-int8 for an unpacked int4 table; "made" means an increase of at least half
-of it.
+of one eager forward pass, {processes}. "a table-sized temporary" is the
+size of an `input_dim x output_dim` array in the dtype such a temporary
+would have: float32 for a float32 table (with the LoRA delta added) and for
+a dequantized int8 table, bfloat16 for a bfloat16 table, int8 for an
+unpacked int4 table; "table-sized temporary" says "yes" where the increase
+is at least half of that.
 
 {figure(images, "memory")}
 

@@ -86,41 +86,31 @@ def run_all(jobs, runs):
         return list(pool.map(lambda run: run_bench(*run), runs))
 
 
-def memory_runs(backends, quick, per_measurement):
-    """`(backend, ["--memory", ...])` runs: one per backend, configuration and
-    layer, or (quick) one per backend measuring them all in turn."""
-    flag = ["--quick"] if quick else []
+def memory_runs(backends):
+    """`(backend, ["--memory", "CONFIG:IMPL"])`: one run per backend,
+    configuration and layer."""
     for backend in backends:
-        measurements = [
-            f"{config}:{impl}"
-            for (config, _), impl in itertools.product(MEMORY_CONFIGS, IMPLS)
-        ]
-        if per_measurement:
-            for measurement in measurements:
-                yield backend, [*flag, "--memory", measurement]
-        else:
-            yield backend, [*flag, "--memory", ",".join(measurements)]
+        for (config, _), impl in itertools.product(MEMORY_CONFIGS, IMPLS):
+            yield backend, ["--memory", f"{config}:{impl}"]
 
 
 def measure(args, backends, current):
     """Runs every process; returns `{backend: result}`."""
     flag = ["--quick"] if args.quick else []
-    speed_sections = [s for s in args.sections if s != "memory"]
-    speed = []
-    if speed_sections:
-        speed = [(b, [*flag, "--sections", ",".join(speed_sections)]) for b in backends]
-    memory = []
-    if "memory" in args.sections:
-        per_measurement = current["memory_process_per_measurement"]
-        memory = list(memory_runs(backends, args.quick, per_measurement))
-    if args.quick:
-        # A quick run's timings mean nothing anyway: all its processes share
-        # the cores, which keeps the smoke run short.
-        outputs = run_all(len(speed) + len(memory), speed + memory)
-    else:
-        outputs = run_all(1, speed) + run_all(args.jobs, memory)
+    in_process = current["memory_in_timing_process"]
+    sections = [s for s in args.sections if s != "memory" or in_process]
+    runs = []
+    if sections:
+        runs = [(b, [*flag, "--sections", ",".join(sections)]) for b in backends]
+    # A quick run's timings mean nothing anyway: its processes share the
+    # cores, which keeps the smoke run short.
+    outputs = run_all(len(runs) if args.quick else 1, runs)
+    if "memory" in args.sections and not in_process:
+        memory = list(memory_runs(backends))
+        runs += memory
+        outputs += run_all(args.jobs, memory)
     results = {backend: {"backend": backend} for backend in backends}
-    for (backend, _), output in zip(speed + memory, outputs, strict=True):
+    for (backend, _), output in zip(runs, outputs, strict=True):
         memory_entries = output.pop("memory", [])
         results[backend].update(output)
         results[backend].setdefault("memory", []).extend(memory_entries)

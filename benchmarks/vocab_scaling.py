@@ -10,8 +10,6 @@ The speed table's `lora_forward` and `lora_train` cases are the
 `plan["lora_case_size"]` point with LoRA.
 """
 
-import gc
-
 from keras import ops
 from layers import (
     TRAIN_MODE,
@@ -21,7 +19,7 @@ from layers import (
     compare_train_steps,
 )
 from plan import LORA_RANK
-from timing import make_ids
+from timing import make_ids, release_memory
 
 
 def warmup_for(input_dim):
@@ -42,7 +40,7 @@ def measure_size(plan, input_dim, lora, report):
     result = compare_train_steps(ours, theirs, ids, reps, warmup, settle)
     report(kind="train", input_dim=input_dim, lora=lora, mode=TRAIN_MODE, **result)
     del ours, theirs
-    gc.collect()
+    release_memory()
 
 
 def bench(plan, report):

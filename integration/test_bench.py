@@ -1,0 +1,44 @@
+"""`make bench` runs: a `--quick` smoke run writes every output file.
+
+Only that the benchmark suite runs end to end and writes what the docs site
+needs is checked here, never a timing: timings depend on the machine and its
+load.
+"""
+
+import json
+import re
+
+from processes import BACKENDS, ROOT, run_under
+
+RUN = ROOT / "benchmarks" / "run.py"
+SECTIONS = ("speed", "native_floor", "table_bytes", "vocab_scaling", "memory")
+FIGURES = ("vocab_scaling_forward", "vocab_scaling_train", "native_floor", "memory")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def test_quick_benchmark_writes_json_markdown_and_figures(tmp_path):
+    # run.py starts a process per backend itself; KERAS_BACKEND here only
+    # matters for its own imports, which load no backend.
+    run_under("tensorflow", RUN, "--quick", "--output-dir", tmp_path, timeout=600)
+
+    data = json.loads((tmp_path / "benchmarks.json").read_text())
+    assert data["quick"] is True
+    assert set(data["results"]) == set(BACKENDS)
+    for backend in BACKENDS:
+        for section in SECTIONS:
+            assert data["results"][backend].get(section), (backend, section)
+
+    page = (tmp_path / "benchmarks.md").read_text()
+    assert "[benchmarks.json](benchmarks.json)" in page
+    for name in FIGURES:
+        assert f"(img/{name}.png)" in page, name
+        image = tmp_path / "img" / f"{name}.png"
+        assert image.read_bytes().startswith(PNG_SIGNATURE), image
+    # The page is part of the docs site: no links out of its directory.
+    assert not re.search(r"\]\((\.\./|/)", page)
+
+
+def test_run_help_names_the_options():
+    output = run_under("tensorflow", RUN, "--help", timeout=60)
+    for option in ("--quick", "--output-dir", "--backends", "--from-json"):
+        assert option in output
