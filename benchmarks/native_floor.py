@@ -19,11 +19,22 @@ import keras_ext_embedding
 CALLABLES = ("ours", "ours_zeros", "keras", "native")
 
 
-def native_forwards(table, torch_compile):
-    """`{mode: callable(ids)}` of the backend's gather on `table`, eager and
-    compiled as `layers.forwards` compiles the layers."""
+def native_forwards(values, torch_compile):
+    """`{mode: callable(ids)}` of the backend's gather on a table of its own
+    holding `values` (NumPy), eager and compiled as `layers.forwards`
+    compiles the layers.
+
+    Not the layers' own variable: on TensorFlow a sparse read of a variable
+    (`tf.gather` on it is a `ResourceGather`) switches the variable to
+    copy-on-read, and from then on every dense read copies the whole table,
+    as Keras's `ops.take` does (it converts the variable to a tensor first).
+    A lookup of either layer then costs a table copy: 12x slower at 100,000
+    rows. An optimizer's sparse update does the same, see docs/benchmarks.md.
+    """
     if BACKEND == "tensorflow":
         import tensorflow as tf
+
+        table = tf.Variable(values)
 
         def gather(ids):
             return tf.gather(table, ids)
@@ -37,6 +48,8 @@ def native_forwards(table, torch_compile):
         import jax
         import jax.numpy as jnp
 
+        table = jnp.asarray(values)
+
         def take(values, ids):
             return jnp.take(values, ids, axis=0)
 
@@ -47,6 +60,8 @@ def native_forwards(table, torch_compile):
             "jax.jit": lambda ids: compiled(table, ids),
         }
     import torch
+
+    table = torch.as_tensor(values)
 
     def embedding(ids):
         return torch.nn.functional.embedding(ids, table)
@@ -88,8 +103,7 @@ def measure_size(plan, input_dim, report):
         "ours": forwards(ours, torch_compile),
         "ours_zeros": forwards(zeros, torch_compile),
         "keras": forwards(theirs, torch_compile),
-        # The variable's own backend value: the same table, no copy.
-        "native": native_forwards(ours.embeddings.value, torch_compile),
+        "native": native_forwards(ops.convert_to_numpy(ours.embeddings), torch_compile),
     }
     for mode in layer_modes["native"]:
         by_name = {name: layer_modes[name][mode] for name in CALLABLES}
