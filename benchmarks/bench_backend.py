@@ -27,12 +27,11 @@ import native_floor
 import peak_memory
 import quantized
 import vocab_scaling
-from plan import plan
+from plan import SECTIONS, plan
 from timing import BACKEND, SEED
 
-SPEED_SECTIONS = ("native_floor", "quantized", "vocab_scaling")
 # "memory" in --sections: every configuration in turn, in this process.
-SECTIONS = (*SPEED_SECTIONS, "memory")
+SPEED_SECTIONS = tuple(section for section in SECTIONS if section != "memory")
 
 
 def progress(text):
@@ -57,7 +56,7 @@ def collector(rows, describe, names):
 def measure_sections(args):
     current = plan(args.quick)
     sections = args.sections.split(",")
-    result = {"backend": BACKEND, "versions": versions()}
+    result = {"backend": BACKEND}
     pair = ("ours", "keras")
     if "native_floor" in sections:
         rows = result["native_floor"] = []
@@ -103,23 +102,6 @@ def memory(current, measurements):
         )
         entries.append(entry)
     return entries
-
-
-def versions():
-    found = {"python": sys.version.split()[0], "keras": keras.__version__}
-    if BACKEND == "tensorflow":
-        import tensorflow as tf
-
-        found["tensorflow"] = tf.__version__
-    elif BACKEND == "jax":
-        import jax
-
-        found["jax"] = jax.__version__
-    else:
-        import torch
-
-        found["torch"] = torch.__version__
-    return found
 
 
 def main():

@@ -54,10 +54,10 @@ def runnable(text):
     return [b for b in blocks(text) if b.language in RUNNABLE and not b.skipped]
 
 
-def expected_output(source, end_line):
-    """What the code ending on `end_line` (1-based) of `source` says it
-    prints: its trailing comment, or else the comment lines right below it."""
-    comments, code_lines = _comments(source)
+def expected_output(comments, code_lines, end_line):
+    """What the code ending on `end_line` (1-based) says it prints: its
+    trailing comment, or else the comment lines right below it. `comments`
+    and `code_lines` are a block's, from `_comments`."""
     if end_line in comments and end_line in code_lines:
         return comments[end_line]
     below = []
@@ -89,13 +89,13 @@ class PrintCalls(ast.NodeTransformer):
     so each call's output can be compared with what the page says."""
 
     def __init__(self):
-        self.calls = []  # (index, end_lineno) per print call
+        self.end_lines = []  # the last line of each print call, by index
 
     def visit_Call(self, node):
         self.generic_visit(node)
         if isinstance(node.func, ast.Name) and node.func.id == "print":
-            index = len(self.calls)
-            self.calls.append((index, node.end_lineno))
+            index = len(self.end_lines)
+            self.end_lines.append(node.end_lineno)
             node.func = ast.copy_location(ast.Name("__docs_print__", ast.Load()), node)
             node.args.insert(0, ast.copy_location(ast.Constant(index), node))
         return node
@@ -107,7 +107,11 @@ def instrument(block, filename):
     tree = ast.parse(block.source, filename)
     calls = PrintCalls()
     tree = ast.fix_missing_locations(calls.visit(tree))
-    expectations = [(i, expected_output(block.source, end)) for i, end in calls.calls]
+    comments, code_lines = _comments(block.source)
+    expectations = [
+        (index, expected_output(comments, code_lines, end))
+        for index, end in enumerate(calls.end_lines)
+    ]
     ast.increment_lineno(tree, block.line - 1)
     return compile(tree, filename, "exec"), expectations
 
