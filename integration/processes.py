@@ -3,6 +3,10 @@
 `KERAS_BACKEND` is read when keras is first imported, so every backend needs a
 process of its own. The test process itself never imports keras: it only
 starts scripts and compares the `.npy`/`.json` files they write.
+
+`INTEGRATION_BACKENDS` (space- or comma-separated, all three when unset)
+selects the backends a run covers: `BACKENDS` holds them, and a test that
+needs another backend is skipped with `needs(backend)`.
 """
 
 import os
@@ -11,10 +15,39 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-BACKENDS = ("tensorflow", "jax", "torch")
+import pytest
+
+ALL_BACKENDS = ("tensorflow", "jax", "torch")
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = Path(__file__).resolve().parent / "scripts"
 TIMEOUT_S = 300
+
+
+def selected_backends(value):
+    """The backends `value` names (space- or comma-separated), in the order
+    of ALL_BACKENDS; all three when it names none."""
+    names = value.replace(",", " ").split()
+    unknown = [name for name in names if name not in ALL_BACKENDS]
+    if unknown:
+        raise ValueError(
+            f"INTEGRATION_BACKENDS must name backends among "
+            f"{', '.join(ALL_BACKENDS)}, separated by spaces or commas. "
+            f"Received: INTEGRATION_BACKENDS={value!r} (unknown: "
+            f"{', '.join(unknown)})."
+        )
+    return tuple(b for b in ALL_BACKENDS if b in names) or ALL_BACKENDS
+
+
+BACKENDS = selected_backends(os.environ.get("INTEGRATION_BACKENDS", ""))
+
+
+def needs(backend):
+    """Skips a test, or one parameter (`pytest.param(..., marks=needs(b))`),
+    when this run did not select `backend`."""
+    return pytest.mark.skipif(
+        backend not in BACKENDS,
+        reason=f"{backend} is not among INTEGRATION_BACKENDS ({' '.join(BACKENDS)})",
+    )
 
 
 def _run(backend, args, timeout, env=None):
@@ -51,7 +84,8 @@ def run_under(backend, *args, timeout=TIMEOUT_S, env=None):
 
 
 def run_under_each(*args, timeout=TIMEOUT_S):
-    """Runs `python *args` once per backend, concurrently; asserts all exit 0.
+    """Runs `python *args` once per selected backend, concurrently; asserts
+    all exit 0.
 
     Most of a run is importing the backend, so the three overlap well even on
     two cores. Returns {backend: stdout}.

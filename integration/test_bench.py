@@ -19,7 +19,8 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 def test_quick_benchmark_writes_json_markdown_and_figures(tmp_path):
     # run.py starts a process per backend itself; KERAS_BACKEND here only
     # matters for its own imports, which load no backend.
-    run_under("tensorflow", RUN, "--quick", "--output-dir", tmp_path, timeout=600)
+    args = ["--quick", "--backends", ",".join(BACKENDS), "--output-dir", tmp_path]
+    run_under("tensorflow", RUN, *args, timeout=600)
 
     data = json.loads((tmp_path / "benchmarks.json").read_text())
     assert data["quick"] is True

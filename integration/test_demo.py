@@ -20,7 +20,14 @@ def test_quickstart_runs(backend):
     assert "base table unchanged by training: True" in output
     assert "predictions, original vs reloaded: max abs difference 0.0" in output
     assert "dtype policy int4/128_from_float32" in output
-    assert "int4 model saved and reloaded: max abs difference 0.0" in output
+    # The model really runs the int4 table after quantizing (a difference of
+    # 0.0 here would mean a traced predict kept reading the float table), and
+    # saving it loses nothing.
+    (int4,) = re.findall(
+        r"float vs int4 table: max abs difference (\d\.\d+)$", output, re.M
+    )
+    assert 1e-3 < float(int4) < 0.05
+    assert "int4 model saved and reloaded: max abs difference 0.0\n" in output
 
 
 def rmse_of(output, row):

@@ -5,25 +5,28 @@ import json
 
 import numpy as np
 import pytest
-from processes import SCRIPTS, run_under
+from processes import BACKENDS, SCRIPTS, needs, run_under
 
 ARTIFACTS = [
-    ("tensorflow", "tf_saved_model"),
-    ("tensorflow", "onnx"),
-    ("jax", "tf_saved_model"),
-    ("jax", "onnx"),
-    ("torch", "onnx"),
+    pytest.param(backend, fmt, marks=needs(backend))
+    for backend, fmt in [
+        ("tensorflow", "tf_saved_model"),
+        ("tensorflow", "onnx"),
+        ("jax", "tf_saved_model"),
+        ("jax", "onnx"),
+        ("torch", "onnx"),
+    ]
 ]
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
-    for backend in ("tensorflow", "jax", "torch"):
+    for backend in BACKENDS:
         run_under(backend, SCRIPTS / "export.py", "export", root)
-    # Served under the TensorFlow backend's environment, but the script
-    # imports only tensorflow and onnxruntime.
-    run_under("tensorflow", SCRIPTS / "export.py", "serve", root)
+    # Served under the TensorFlow backend's environment whichever backends
+    # exported: the script imports only tensorflow and onnxruntime.
+    run_under("tensorflow", SCRIPTS / "export.py", "serve", root, *BACKENDS)
     return root, json.loads((root / "served.json").read_text())
 
 
@@ -55,6 +58,7 @@ def test_invalid_ids_in_an_artifact_give_zero_rows(exported, backend, fmt):
         )
 
 
+@needs("torch")
 def test_torch_onnx_with_raise_has_no_id_handling(exported):
     """Keras exports a PyTorch model by tracing it with real sample ids: the
     eager check passes on them and leaves nothing in the graph. The artifact

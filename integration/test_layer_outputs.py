@@ -23,7 +23,7 @@ PAIRS = list(itertools.product(BACKENDS, BACKENDS))
 def outputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("layer_outputs")
     run_under_each(SCRIPTS / "layer_outputs.py", "save", root)
-    run_under_each(SCRIPTS / "layer_outputs.py", "load", root)
+    run_under_each(SCRIPTS / "layer_outputs.py", "load", root, *BACKENDS)
     return root
 
 

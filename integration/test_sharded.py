@@ -8,7 +8,9 @@ sharded by rows; the results must agree within float32 rounding.
 import json
 
 import pytest
-from processes import SCRIPTS, run_under
+from processes import SCRIPTS, needs, run_under
+
+pytestmark = needs("jax")  # keras.distribution covers JAX only
 
 CASES = ("float", "lora", "int8_lora")
 DISTRIBUTIONS = ("data_parallel", "model_parallel")

@@ -294,6 +294,9 @@ class Embedding(keras.layers.Layer):
         # Keras routes a layer with a quantized dtype policy here instead of
         # call(); a quantized lookup takes the same path (id checks, ragged
         # and sparse ids), only its rows are read differently.
+        mode = self.quantization_mode
+        if mode not in _quantization.MODES:
+            raise self._quantization_mode_error(mode)
         return self.call(inputs, *args, **kwargs)
 
     def compute_mask(self, inputs, mask=None):
@@ -321,6 +324,14 @@ class Embedding(keras.layers.Layer):
         The forward pass becomes `table[ids] + (lora_alpha / rank) *
         (A[ids] @ B)`, computed on the looked-up rows only. `A` has shape
         `(input_dim, rank)` and `B` `(rank, output_dim)`, both float32.
+
+        On a layer of a model that was already compiled, call
+        `model.compile(...)` again before `fit`: Keras's train function and
+        optimizer keep the trainable variables they were built with, out of
+        the layer's reach (on TensorFlow the table would keep training and
+        the adapters never move; on JAX and PyTorch `fit` raises). `predict`
+        and `evaluate` need no recompile: `B` starts at zero, so a function
+        traced before gives the rows the layer holds.
 
         Examples:
             >>> layer = keras_ext_embedding.Embedding(50_000, 128)
@@ -383,7 +394,7 @@ class Embedding(keras.layers.Layer):
         The deployment step after fine-tuning: the table becomes
         `table + (lora_alpha / rank) * A @ B` in its own dtype, the adapters
         are deleted, and the table is trainable again. Outputs are unchanged
-        (up to the table dtype's rounding). Recompile a model after merging.
+        (up to the table dtype's rounding).
 
         On a quantized layer the table is dequantized, merged in float32 and
         quantized again with the layer's mode and config (the same int4
@@ -391,6 +402,11 @@ class Embedding(keras.layers.Layer):
         up to half a quantization step, and the table stays frozen. To keep
         fine-tuning without that loss, save the layer instead: checkpoints
         keep the quantized table and the adapters apart.
+
+        A function traced before the merge (a TensorFlow `predict`) keeps
+        giving the layer's rows: it reads the merged table and `B`, zeroed.
+        Recompile a model after merging, before `fit`: its trainable
+        variables changed.
 
         Examples:
             >>> layer = keras_ext_embedding.Embedding(1000, 16, lora_rank=4)
@@ -440,6 +456,15 @@ class Embedding(keras.layers.Layer):
         before or after, stay float32 and trainable. `Model.quantize(...)`
         calls this on every Embedding of the model.
 
+        On a model that already ran, prefer `model.quantize(mode,
+        filters=...)`: it also drops the model's traced functions, so the
+        next `predict` runs the quantized lookup and the float table is
+        freed. Called on the layer alone, a function traced before (a
+        TensorFlow `predict` or `evaluate`) still gives the quantized rows,
+        from the dequantized table this method writes into the float
+        variable that function captured. Either way, recompile before `fit`:
+        Keras's optimizer keeps the trainable variables it was built with.
+
         Examples:
             >>> layer = keras_ext_embedding.Embedding(1000, 64)
             >>> layer.build()
@@ -467,10 +492,24 @@ class Embedding(keras.layers.Layer):
         config = config or self._default_config(mode)
         table = ops.convert_to_numpy(ops.cast(self._embeddings, "float32"))
         arrays = _quantization.quantize_table(table, mode, config, self.name)
+        del table
         self.quantization_config = config
+        float_table = self._embeddings
         del self._embeddings
         self.quantized_build((self.input_dim, self.output_dim), mode, config)
         self._assign_quantized(arrays)
+        if keras.config.backend() == "tensorflow":
+            # A TensorFlow function traced before this call (Keras's predict
+            # or evaluate function) keeps reading the float variable it
+            # captured. Holding the dequantized table, it gives the quantized
+            # rows, bit for bit, until the model retraces (`Model.quantize`
+            # and `compile` make it) and the variable is freed. Lookups pay
+            # nothing for it. JAX's trainer passes the current variables to
+            # its jitted functions and PyTorch's runs eagerly: nothing there
+            # reads the old variable, so they skip the full-table write.
+            float_table.assign(
+                ops.cast(_quantization.dequantize_table(self), float_table.dtype)
+            )
         if self.dtype_policy.quantization_mode is None:
             policy_name = mode
             if mode == "int4":
@@ -501,11 +540,15 @@ class Embedding(keras.layers.Layer):
         scale_shape = (input_dim,)
         if block_size is not None:
             scale_shape = (input_dim, _quantization.group_count(output_dim, block_size))
+        # autocast=False: under a mixed policy Keras would read the scales in
+        # the compute dtype (bfloat16), rounding them before they are used;
+        # rows are dequantized in float32 and rounded once, at the end.
         self.embeddings_scale = self.add_weight(
             name="embeddings_scale",
             shape=scale_shape,
             initializer="ones",
             trainable=False,
+            autocast=False,
         )
         if block_size is not None:
             self.embeddings_zero = self.add_weight(

@@ -1,21 +1,33 @@
 """Runs the unit suite once per backend, then `integration/`, one process each.
 
+    python tests/run_backends.py                      # all three backends
+    python tests/run_backends.py jax torch            # these backends only
+    python tests/run_backends.py --only unit torch    # or --only integration
+
 `KERAS_BACKEND` is read when keras is first imported, so every backend gets a
-process of its own. Prints one summary line per run and exits non-zero when any
-run fails or runs no test.
+process of its own. The integration run covers the listed backends through
+`INTEGRATION_BACKENDS` (integration/processes.py). Prints one summary line per
+run and exits non-zero when any run fails or runs no test.
 """
 
+import argparse
 import os
 import re
 import subprocess
 import sys
 import time
 
+BACKENDS = ("tensorflow", "jax", "torch")
 SUMMARY = re.compile(r"^=* ?(\d+ (?:passed|failed|error|skipped).*?) in [\d.]+s", re.M)
 
 
-def run(label, backend, paths):
-    env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"}
+def run(label, backend, paths, env=None):
+    env = {
+        **os.environ,
+        "KERAS_BACKEND": backend,
+        "TF_CPP_MIN_LOG_LEVEL": "3",
+        **(env or {}),
+    }
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:randomly", *paths]
     start = time.monotonic()
     done = subprocess.run(command, env=env, capture_output=True, text=True)
@@ -31,9 +43,36 @@ def run(label, backend, paths):
     return ok
 
 
-def main(backends):
-    results = [run(f"unit[{b}]", b, ["tests"]) for b in backends]
-    results.append(run("integration", "tensorflow", ["integration"]))
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "backends", nargs="*", metavar="BACKEND", help=f"default: {' '.join(BACKENDS)}"
+    )
+    parser.add_argument(
+        "--only", choices=("unit", "integration"), help="run one of the two suites"
+    )
+    args = parser.parse_args()
+    unknown = [b for b in args.backends if b not in BACKENDS]
+    if unknown:
+        parser.error(f"unknown backends {unknown}; choose from {list(BACKENDS)}")
+    # In BACKENDS' order, once each, as integration/processes.py selects them.
+    args.backends = [b for b in BACKENDS if b in args.backends] or list(BACKENDS)
+    return args
+
+
+def main():
+    args = parse_args()
+    results = []
+    if args.only != "integration":
+        results += [run(f"unit[{b}]", b, ["tests"]) for b in args.backends]
+    if args.only != "unit":
+        # The integration tests start a process per backend themselves; this
+        # one never imports keras.
+        label = "integration"
+        if args.backends != list(BACKENDS):
+            label += f"[{','.join(args.backends)}]"
+        selected = {"INTEGRATION_BACKENDS": " ".join(args.backends)}
+        results.append(run(label, "tensorflow", ["integration"], selected))
     if not all(results):
         print("FAILED: see the output above.")
         return 1
@@ -42,4 +81,4 @@ def main(backends):
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:] or ["tensorflow", "jax", "torch"]))
+    sys.exit(main())

@@ -258,8 +258,16 @@ def test_mixed_bfloat16_policy_gives_bfloat16_rows(rng):
     assert dtype_of(layer.embeddings_scale) == "float32"
     out = layer(IDS)
     assert dtype_of(out) == "bfloat16"
-    reference = dequantized_table(layer)[IDS]
-    np.testing.assert_allclose(numpy_of(out), reference, rtol=1e-2, atol=1e-2)
+    # Dequantized in float32 with the float32 scales, rounded to bfloat16
+    # once: Keras's autocasting would round the scales to bfloat16 first.
+    values = raw(layer._embeddings).astype("float32")
+    scale = raw(layer.embeddings_scale)
+    rows = (values * np.float32(0.5)) * (np.float32(2) / scale)[:, None]
+    expected = numpy_of(ops.cast(rows[IDS], "bfloat16"))
+    np.testing.assert_array_equal(numpy_of(out), expected)
+    np.testing.assert_allclose(
+        numpy_of(out), dequantized_table(layer)[IDS], rtol=2**-8, atol=0
+    )
 
 
 def test_custom_weight_quantizer(rng):
@@ -546,6 +554,41 @@ def test_quantize_errors_match_keras(action, error_type, fragment):
     assert type(ours) is type(theirs) is error_type
     assert str(ours) == str(theirs)
     assert fragment in str(ours)
+
+
+@pytest.mark.parametrize("mode", ["int7", "float7"])
+def test_invalid_mode_errors_match_keras(mode):
+    """Keras's own test (embedding_test.test_quantize_invalid_mode), run on
+    both layers: quantize, quantized_build and quantized_call refuse the mode
+    with the same error and leave the dtype policy as it was."""
+    ids = np.random.randint(0, 9, size=(1, 3))
+    messages = []
+    for layer_class in (Embedding, keras.layers.Embedding):
+        layer = layer_class(10, 16)
+        layer.build()
+        original_dtype_policy = layer.dtype_policy
+        with pytest.raises(ValueError, match="Invalid quantization mode") as quantize:
+            layer.quantize(mode)
+        assert layer.dtype_policy == original_dtype_policy
+        with pytest.raises(NotImplementedError, match="Invalid quantization mode"):
+            layer.quantized_build((None, 2), mode)
+        assert layer.dtype_policy == original_dtype_policy
+        # A policy naming an unknown mode, as Keras's test sets it.
+        layer._dtype_policy._quantization_mode = mode
+        with pytest.raises(NotImplementedError) as call:
+            layer.quantized_call(ids)
+        # Through __call__ too: Keras routes the layer to quantized_call.
+        with pytest.raises(NotImplementedError) as dunder_call:
+            layer(ids)
+        layer._dtype_policy._quantization_mode = None
+        assert layer.dtype_policy == original_dtype_policy
+        assert str(call.value) == (
+            "Invalid quantization mode. Expected one of ('int8', 'int4'). "
+            f"Received: quantization_mode={mode}"
+        )
+        assert str(call.value) in str(dunder_call.value)
+        messages.append((str(quantize.value), str(call.value)))
+    assert messages[0] == messages[1]
 
 
 def test_int8_with_float16_compute_is_refused_like_keras():

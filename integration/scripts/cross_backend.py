@@ -1,8 +1,9 @@
 """Saves and loads models under one backend; run once per backend by the tests.
 
-    python cross_backend.py save DIR    # writes DIR/<backend>/...
-    python cross_backend.py load DIR    # loads every DIR/<saver>/..., writes
-                                        # DIR/<saver>/loaded_by_<backend>/...
+    python cross_backend.py save DIR            # writes DIR/<backend>/...
+    python cross_backend.py load DIR SAVER...   # loads DIR/<saver>/... of each
+                                                # SAVER, writes
+                                                # DIR/<saver>/loaded_by_<backend>/...
 
 KERAS_BACKEND picks the backend. Everything is written as .npy/.npz/.json, so
 the test process compares the backends without importing any of them.
@@ -23,7 +24,6 @@ import keras_ext_embedding  # registers the layer: no custom_objects needed
 from keras_ext_embedding import Embedding, InvalidIdError
 
 BACKEND = keras.config.backend()
-BACKENDS = ("tensorflow", "jax", "torch")
 INPUT_DIM, OUTPUT_DIM = 12, 8
 # Trailing zeros are padding: mask_zero must hide them from the encoder.
 IDS = np.array([[1, 5, 9, 0, 0], [3, 3, 7, 11, 2]], dtype="int32")
@@ -173,8 +173,8 @@ def save(root):
     (out / "invalid.json").write_text(json.dumps(invalid_id_report()))
 
 
-def load(root):
-    for saver in BACKENDS:
+def load(root, *savers):
+    for saver in savers:
         saved = root / saver
         out = saved / f"loaded_by_{BACKEND}"
         for name in MODELS:
@@ -195,6 +195,6 @@ def load(root):
 
 
 if __name__ == "__main__":
-    command, root = sys.argv[1], Path(sys.argv[2])
-    {"save": save, "load": load}[command](root)
+    command, root, savers = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]
+    {"save": save, "load": load}[command](root, *savers)
     print(f"{command} under {BACKEND}: ok ({keras_ext_embedding.__version__})")

@@ -1,8 +1,9 @@
 """Exports a model for serving, then serves it with the artifact's own runtime.
 
-    python export.py export DIR   # under KERAS_BACKEND: writes DIR/<backend>/
-    python export.py serve DIR    # no keras: loads every artifact in DIR with
-                                  # tf.saved_model / onnxruntime, writes outputs
+    python export.py export DIR            # under KERAS_BACKEND: writes DIR/<backend>/
+    python export.py serve DIR BACKEND...  # no keras: loads those backends'
+                                           # artifacts in DIR with tf.saved_model /
+                                           # onnxruntime, writes outputs
 
 Artifacts: a TensorFlow SavedModel (`model.export(format="tf_saved_model")`)
 from TensorFlow and JAX, and ONNX (`format="onnx"`) from all three backends,
@@ -75,11 +76,11 @@ def run_artifact(path, ids):
         return {"error": type(error).__name__, "message": str(error)[:500]}
 
 
-def serve(root):
+def serve(root, *backends):
     report = {}
-    for backend, formats in FORMATS.items():
+    for backend in backends:
         for mode in MODES:
-            for fmt in formats:
+            for fmt in FORMATS[backend]:
                 suffix = ".onnx" if fmt == "onnx" else ""
                 path = root / backend / f"{mode}_{fmt}{suffix}"
                 report[f"{backend}/{mode}/{fmt}"] = {
@@ -90,6 +91,6 @@ def serve(root):
 
 
 if __name__ == "__main__":
-    command, root = sys.argv[1], Path(sys.argv[2])
-    {"export": export, "serve": serve}[command](root)
+    command, root, backends = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]
+    {"export": export, "serve": serve}[command](root, *backends)
     print(f"{command}: ok")

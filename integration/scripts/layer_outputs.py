@@ -1,8 +1,9 @@
 """The layer's own outputs, saved under one backend and reloaded under each.
 
-    python layer_outputs.py save DIR   # writes DIR/<backend>/<case>.keras,
-                                       # .weights.h5 and the saver's outputs
-    python layer_outputs.py load DIR   # writes DIR/<saver>/loaded_by_<backend>/
+    python layer_outputs.py save DIR            # writes DIR/<backend>/<case>.keras,
+                                                # .weights.h5, the saver's outputs
+    python layer_outputs.py load DIR SAVER...   # for each SAVER, writes
+                                                # DIR/<saver>/loaded_by_<backend>/
 
 Each model is `Input -> Embedding -> output`, so what is compared is the rows
 and the mask the layer gives, with nothing after it to round differently per
@@ -23,7 +24,6 @@ from keras import ops
 from keras_ext_embedding import Embedding
 
 BACKEND = keras.config.backend()
-BACKENDS = ("tensorflow", "jax", "torch")
 VOCAB, DIM = 50, 12
 IDS = np.array([[3, 17, 49, 0, 0], [1, 1, 2, 25, 7]], dtype="int32")
 # (constructor arguments, quantization (mode, int4 block size), LoRA rank)
@@ -112,8 +112,8 @@ def save(root):
         write(out / "reference", case, model)
 
 
-def load(root):
-    for saver in BACKENDS:
+def load(root, *savers):
+    for saver in savers:
         saved = root / saver
         out = saved / f"loaded_by_{BACKEND}"
         for case in CASES:
@@ -131,6 +131,6 @@ def load(root):
 
 
 if __name__ == "__main__":
-    command, root = sys.argv[1], Path(sys.argv[2])
-    {"save": save, "load": load}[command](root)
+    command, root, savers = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]
+    {"save": save, "load": load}[command](root, *savers)
     print(f"{command} under {BACKEND}: ok")
