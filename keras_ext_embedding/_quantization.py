@@ -13,9 +13,8 @@ ways:
   `(input_dim, groups)`; a value reads back as `(int4 - zero) * scale`, and
   `g_idx` (float32, `(output_dim,)`) names the group of each column.
 
-Reading back works on gathered rows only: a lookup of `n` ids touches `n`
-packed rows, never the `input_dim x output_dim` table that Keras unpacks on
-every int4 call.
+This module makes them from float values on the host and unpacks int4
+bytes; `_tables` reads rows back, one class per format.
 """
 
 import math
@@ -144,59 +143,6 @@ def _quantize_groups(table, block_size):
     return values, scale[..., 0].astype("float32"), zero[..., 0].astype("int8")
 
 
-def dequantize_table(layer):
-    """The whole table as float32: an explicit, `input_dim x output_dim` step
-    for merging LoRA, never used by a lookup."""
-    return rows(layer, ops.arange(layer.input_dim))
-
-
-def rows(layer, index):
-    """Float32 rows of a quantized layer's table at `index` (any shape)."""
-    values = ops.take(layer._embeddings, index, axis=0)
-    scale = ops.take(layer.embeddings_scale, index, axis=0)
-    if keras.backend.standardize_dtype(scale.dtype) != "float32":
-        scale = ops.cast(scale, "float32")
-    if layer._quantized_mode == "int4":
-        values = unpack_int4(values, layer.output_dim)
-    block_size = layer._int4_block_size
-    if block_size is None:
-        # The same bits on every backend: XLA (JAX, TensorFlow with
-        # jit_compile) turns `values / scale` into `values * (1 / scale)`,
-        # whose last bit can differ, so that product is what every backend
-        # computes, as `(values * 0.5) * (2 / scale)`: scaling by powers of
-        # two is exact, and a literal `1 / scale` would become TensorFlow's
-        # approximate Reciprocal op in a graph. `values * 0.5` is also the
-        # cast to float32.
-        halves = ops.multiply(values, 0.5)
-        return ops.multiply(halves, ops.expand_dims(ops.divide(2.0, scale), -1))
-    zero = ops.take(layer.embeddings_zero, index, axis=0)
-    return _dequantize_groups(values, scale, zero, layer.output_dim, block_size)
-
-
-def _dequantize_groups(values, scale, zero, output_dim, block_size):
-    """`(values - zero) * scale`, each column with its group's zero and scale.
-
-    The zero point is subtracted in int8 (values and zero points both lie in
-    [-8, 7]), before the one cast to float32.
-    """
-    groups = group_count(output_dim, block_size)
-    if groups == 1:
-        centered = ops.subtract(values, zero)
-        return ops.multiply(ops.cast(centered, "float32"), scale)
-    if output_dim == groups * block_size:
-        # Whole groups: broadcast each group's zero and scale over its columns.
-        leading = _leading_shape(values)
-        grouped = ops.reshape(values, (*leading, groups, block_size))
-        centered = ops.subtract(grouped, ops.expand_dims(zero, -1))
-        rows = ops.multiply(ops.cast(centered, "float32"), ops.expand_dims(scale, -1))
-        return ops.reshape(rows, (*leading, output_dim))
-    columns = group_index(output_dim, block_size).astype("int32")
-    centered = ops.subtract(values, ops.take(zero, columns, axis=-1))
-    return ops.multiply(
-        ops.cast(centered, "float32"), ops.take(scale, columns, axis=-1)
-    )
-
-
 def unpack_int4(packed, output_dim):
     """Unpacks the last axis of packed int4 bytes into int8 values in [-8, 7].
 
@@ -210,13 +156,13 @@ def unpack_int4(packed, output_dim):
     low = ops.right_shift(ops.left_shift(packed, 4), 4)
     high = ops.right_shift(packed, 4)
     pairs = ops.stack([low, high], axis=-1)
-    values = ops.reshape(pairs, (*_leading_shape(packed), 2 * packed.shape[-1]))
+    values = ops.reshape(pairs, (*leading_shape(packed), 2 * packed.shape[-1]))
     if 2 * packed.shape[-1] != output_dim:
         values = values[..., :output_dim]
     return values
 
 
-def _leading_shape(x):
+def leading_shape(x):
     """All but the last dimension: static where known, else a tensor's
     (a TensorFlow graph with an unknown batch size)."""
     static = tuple(x.shape[:-1])

@@ -4,7 +4,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_ext_embedding import _checkpoint, _ids, _quantization
+from keras_ext_embedding import _checkpoint, _ids, _lora, _quantization, _tables
 from keras_ext_embedding._arguments import (
     check_choice,
     check_positive_int,
@@ -14,9 +14,6 @@ from keras_ext_embedding.errors import InvalidIdError
 
 INVALID_IDS_MODES = ("raise", "zeros")
 UNBUILT_EMBEDDINGS = "You must build the layer before accessing `embeddings`."
-TABLE_SHAPE_HINT = (
-    "Build the layer with the input_dim and output_dim the table was made for."
-)
 
 
 @keras.saving.register_keras_serializable(package="keras_ext_embedding")
@@ -168,12 +165,12 @@ class Embedding(keras.layers.Layer):
         self.lora_enabled = False
         self.quantization_config = quantization_config
         self.invalid_ids = invalid_ids
-        self._lora_a_initializer = None
-        # Set by quantized_build: Keras's flag (read by `quantize` and the
-        # dtype_policy setter), the mode and the int4 group size.
+        # The table's format (its variables, rows, checkpoint entries) and,
+        # while LoRA is enabled, the adapters: the pieces a lookup composes.
+        self._table = _tables.FloatTable(self)
+        self._adapters = None
+        # Keras's flag, read by `quantize` and the dtype_policy setter.
         self._is_quantized = False
-        self._quantized_mode = None
-        self._int4_block_size = None
 
         if weights is not None:
             self.build()
@@ -192,18 +189,8 @@ class Embedding(keras.layers.Layer):
                 mode=self.quantization_mode,
                 config=self.quantization_config,
             )
-            self.built = True
-            if self.lora_rank:
-                self.enable_lora(self.lora_rank, lora_alpha=self.lora_alpha)
-            return
-        self._embeddings = self.add_weight(
-            shape=(self.input_dim, self.output_dim),
-            initializer=self.embeddings_initializer,
-            name="embeddings",
-            regularizer=self.embeddings_regularizer,
-            constraint=self.embeddings_constraint,
-            trainable=True,
-        )
+        else:
+            self._table.build()
         self.built = True
         if self.lora_rank:
             self.enable_lora(self.lora_rank, lora_alpha=self.lora_alpha)
@@ -218,15 +205,7 @@ class Embedding(keras.layers.Layer):
         """
         if not self.built:
             raise AttributeError(UNBUILT_EMBEDDINGS)
-        if self._is_quantized:
-            if self._quantized_mode == "int4":
-                return _quantization.unpack_int4(self._embeddings, self.output_dim)
-            return self._embeddings
-        if not self.lora_enabled:
-            return self._embeddings
-        delta = ops.matmul(self.lora_embeddings_a, self.lora_embeddings_b)
-        merged = ops.add(self._embeddings, self._lora_scale * delta)
-        return ops.cast(merged, self.compute_dtype)
+        return self._table.embeddings(self._adapters)
 
     def __getattr__(self, name):
         # Reached when the `embeddings` property raised AttributeError. On
@@ -363,30 +342,15 @@ class Embedding(keras.layers.Layer):
         check_positive_int("rank", rank)
         if lora_alpha is not None:
             check_positive_number("lora_alpha", lora_alpha)
+        self.lora_rank = rank
+        self.lora_alpha = lora_alpha if lora_alpha is not None else rank
         # A built layer locks its variable tracker; adapters are added later.
         self._tracker.unlock()
-        # Adapters stay float32 whatever the policy: low-precision adapters
-        # underflow during fine-tuning.
-        self._lora_a_initializer = keras.initializers.get(a_initializer)
-        self.lora_embeddings_a = self.add_weight(
-            name="lora_embeddings_a",
-            shape=(self.input_dim, rank),
-            initializer=self._lora_a_initializer,
-            dtype="float32",
-            regularizer=self.embeddings_regularizer,
-        )
-        self.lora_embeddings_b = self.add_weight(
-            name="lora_embeddings_b",
-            shape=(rank, self.output_dim),
-            initializer=keras.initializers.get(b_initializer),
-            dtype="float32",
-            regularizer=self.embeddings_regularizer,
-        )
+        self._adapters = _lora.LoraAdapters(self, a_initializer)
+        self._adapters.build(b_initializer)
         self._embeddings.trainable = False
         self._tracker.lock()
         self.lora_enabled = True
-        self.lora_rank = rank
-        self.lora_alpha = lora_alpha if lora_alpha is not None else rank
 
     def merge_lora(self):
         """Folds the LoRA adapters into the table and removes them.
@@ -420,30 +384,19 @@ class Embedding(keras.layers.Layer):
                 f"Layer '{self.name}' has no LoRA adapters to merge. Call "
                 "`enable_lora(rank)` and fine-tune before `merge_lora()`."
             )
-        if self._is_quantized:
-            self._fold_into_quantized(
-                self.lora_embeddings_a, self.lora_embeddings_b, self.lora_alpha
-            )
-        else:
-            merged = ops.add(
-                ops.cast(self._embeddings, "float32"),
-                self._lora_scale
-                * ops.matmul(self.lora_embeddings_a, self.lora_embeddings_b),
-            )
-            self._embeddings.assign(ops.cast(merged, self._embeddings.dtype))
+        self._table.add_delta(self._adapters.delta())
         # A function traced before the merge (a TensorFlow predict function)
         # still reads the adapters it captured: with B at zero it reads the
         # merged table alone instead of adding the delta twice.
         self.lora_embeddings_b.assign(ops.zeros(self.lora_embeddings_b.shape))
         self._tracker.unlock()
-        del self.lora_embeddings_a
-        del self.lora_embeddings_b
+        self._adapters.remove()
         self._tracker.lock()
-        self._embeddings.trainable = not self._is_quantized
+        self._adapters = None
+        self._embeddings.trainable = self._table.trainable
         self.lora_enabled = False
         self.lora_rank = None
         self.lora_alpha = None
-        self._lora_a_initializer = None
 
     def quantize(self, mode=None, type_check=True, config=None):
         """Quantizes the table to int8 or int4, as `keras.layers.Embedding` does.
@@ -490,14 +443,14 @@ class Embedding(keras.layers.Layer):
             # block size (none: one scale per row) is what a reload builds.
             config = self._default_config(mode)
         config = config or self._default_config(mode)
-        table = ops.convert_to_numpy(ops.cast(self._embeddings, "float32"))
+        table = ops.convert_to_numpy(self._table.float_table())
         arrays = _quantization.quantize_table(table, mode, config, self.name)
         del table
         self.quantization_config = config
         float_table = self._embeddings
-        del self._embeddings
+        self._table.remove()
         self.quantized_build((self.input_dim, self.output_dim), mode, config)
-        self._assign_quantized(arrays)
+        self._table.assign_quantized(arrays)
         if keras.config.backend() == "tensorflow":
             # A TensorFlow function traced before this call (Keras's predict
             # or evaluate function) keeps reading the float variable it
@@ -507,13 +460,11 @@ class Embedding(keras.layers.Layer):
             # nothing for it. JAX's trainer passes the current variables to
             # its jitted functions and PyTorch's runs eagerly: nothing there
             # reads the old variable, so they skip the full-table write.
-            float_table.assign(
-                ops.cast(_quantization.dequantize_table(self), float_table.dtype)
-            )
+            float_table.assign(ops.cast(self._table.float_table(), float_table.dtype))
         if self.dtype_policy.quantization_mode is None:
             policy_name = mode
             if mode == "int4":
-                block_size = self._int4_block_size
+                block_size = self._table.block_size
                 policy_name = f"int4/{-1 if block_size is None else block_size}"
             self.dtype_policy = keras.dtype_policies.get(
                 f"{policy_name}_from_{self.dtype_policy.name}"
@@ -523,64 +474,26 @@ class Embedding(keras.layers.Layer):
         """Creates the quantized variables, named and shaped as in Keras."""
         if mode not in _quantization.MODES:
             raise self._quantization_mode_error(mode)
-        input_dim, output_dim = embeddings_shape
-        block_size = None
-        if mode == "int4":
-            if not isinstance(config, keras.quantizers.Int4QuantizationConfig):
-                config = self._default_config(mode)
-            block_size = _quantization.block_size_of(config)
-        width = output_dim if mode == "int8" else _quantization.packed_width(output_dim)
-        self._embeddings = self.add_weight(
-            name="embeddings",
-            shape=(input_dim, width),
-            initializer="zeros",
-            dtype="int8",
-            trainable=False,
-        )
-        scale_shape = (input_dim,)
-        if block_size is not None:
-            scale_shape = (input_dim, _quantization.group_count(output_dim, block_size))
-        # autocast=False: under a mixed policy Keras would read the scales in
-        # the compute dtype (bfloat16), rounding them before they are used;
-        # rows are dequantized in float32 and rounded once, at the end.
-        self.embeddings_scale = self.add_weight(
-            name="embeddings_scale",
-            shape=scale_shape,
-            initializer="ones",
-            trainable=False,
-            autocast=False,
-        )
-        if block_size is not None:
-            self.embeddings_zero = self.add_weight(
-                name="embeddings_zero",
-                shape=scale_shape,
-                initializer="zeros",
-                dtype="int8",
-                trainable=False,
+        if tuple(embeddings_shape) != (self.input_dim, self.output_dim):
+            raise ValueError(
+                f"Layer '{self.name}' has a table of shape "
+                f"{(self.input_dim, self.output_dim)} (input_dim, output_dim) "
+                "and cannot build quantized variables for "
+                f"embeddings_shape={tuple(embeddings_shape)}."
             )
-            self.g_idx = self.add_weight(
-                name="g_idx",
-                shape=(output_dim,),
-                initializer="zeros",
-                dtype="float32",
-                trainable=False,
-            )
-            self.g_idx.assign(_quantization.group_index(output_dim, block_size))
-        self._int4_block_size = block_size
-        self._quantized_mode = mode
+        table = _tables.quantized_table(self, mode, config)
+        table.build()
+        self._table = table
         self._is_quantized = True
 
     def save_own_variables(self, store):
         if not self.built:
             return
-        stored = self._stored_variables()
-        for index, (_, variable) in enumerate(stored):
-            store[str(index)] = variable
-        if self.lora_enabled:
-            first = len(stored)
-            store[str(first)] = self.lora_embeddings_a
-            store[str(first + 1)] = self.lora_embeddings_b
-            store[str(first + 2)] = np.asarray([self.lora_alpha], dtype="float64")
+        entries = [variable for _, variable in self._table.stored()]
+        if self._adapters is not None:
+            entries += self._adapters.stored()
+        for index, entry in enumerate(entries):
+            store[str(index)] = entry
 
     def load_own_variables(self, store):
         if not self.built:
@@ -594,26 +507,17 @@ class Embedding(keras.layers.Layer):
             return
         # Everything is checked before anything is assigned: a refused
         # checkpoint leaves the layer as it was.
-        stored = self._stored_variables()
+        table = self._table
+        stored = table.stored()
         entries = _checkpoint.read_entries(
-            store,
-            self.name,
-            stored,
-            self._table_description(),
-            TABLE_SHAPE_HINT
-            if not self._is_quantized
-            else "Build the layer with the input_dim, output_dim, dtype policy "
-            "and quantization_config the checkpoint was saved with.",
+            store, self.name, stored, table.description, table.shape_hint
         )
         base, lora = entries[: len(stored)], entries[len(stored) :]
-        if self._int4_block_size is not None:
-            _quantization.check_group_index(
-                self.name, base[3], self.output_dim, self._int4_block_size
-            )
+        table.check_stored(base)
         if not lora:
-            self._assign_stored(base)
-            if self.lora_enabled:
-                self._reset_lora()
+            table.assign_stored(base)
+            if self._adapters is not None:
+                self._adapters.reset()
             return
         lora_a, lora_b, lora_alpha = lora[0], lora[1], float(lora[2][0])
         rank = lora_a.shape[-1]
@@ -631,9 +535,10 @@ class Embedding(keras.layers.Layer):
             (rank, self.output_dim),
             "The checkpoint belongs to a layer of another output_dim.",
         )
-        if self.lora_enabled and (
-            rank != self.lora_rank or lora_alpha != self.lora_alpha
-        ):
+        if self._adapters is None:
+            table.assign_merged(base, lora_a, lora_b, lora_alpha)
+            return
+        if rank != self.lora_rank or lora_alpha != self.lora_alpha:
             raise ValueError(
                 f"Layer '{self.name}' has LoRA rank={self.lora_rank}, "
                 f"lora_alpha={self.lora_alpha:g}, but the checkpoint holds "
@@ -641,17 +546,9 @@ class Embedding(keras.layers.Layer):
                 "the layer with the checkpoint's `lora_rank` and `lora_alpha`, "
                 "or load it into a layer without LoRA to get the merged table."
             )
-        if self.lora_enabled:
-            self._assign_stored(base)
-            self.lora_embeddings_a.assign(lora_a)
-            self.lora_embeddings_b.assign(lora_b)
-        elif self._is_quantized:
-            self._assign_stored(base)
-            self._fold_into_quantized(lora_a, lora_b, lora_alpha)
-        else:
-            self._set_table(
-                _checkpoint.merged_table(base[0], lora_a, lora_b, lora_alpha)
-            )
+        table.assign_stored(base)
+        self.lora_embeddings_a.assign(lora_a)
+        self.lora_embeddings_b.assign(lora_b)
 
     def get_config(self):
         base_config = super().get_config()
@@ -695,10 +592,6 @@ class Embedding(keras.layers.Layer):
             )
         return super().from_config(config)
 
-    @property
-    def _lora_scale(self):
-        return self.lora_alpha / self.lora_rank
-
     def _lookup(self, ids):
         dtype = _ids.check_ids_dtype(ids.dtype, self.input_dim, self.name)
         checked = self.invalid_ids == "raise" and _ids.eager_check(
@@ -709,17 +602,9 @@ class Embedding(keras.layers.Layer):
         # zeroed below.
         valid = None if checked else _ids.valid_mask(ids, dtype, self.input_dim)
         index = _ids.gather_index(ids, dtype, valid, self.input_dim)
-        if self._is_quantized:
-            outputs = _quantization.rows(self, index)
-        else:
-            outputs = ops.take(self._embeddings, index, axis=0)
-        if self.lora_enabled:
-            lora_rows = ops.take(self.lora_embeddings_a, index, axis=0)
-            # Scaling B (rank x output_dim) costs less than scaling the rows.
-            lora_b = self.lora_embeddings_b
-            if self._lora_scale != 1:
-                lora_b = ops.multiply(lora_b, self._lora_scale)
-            outputs = ops.add(outputs, ops.matmul(lora_rows, lora_b))
+        outputs = self._table.rows(index)
+        if self._adapters is not None:
+            outputs = ops.add(outputs, self._adapters.rows(index))
         if self._lookup_dtype() != self.compute_dtype:
             outputs = ops.cast(outputs, self.compute_dtype)
         if valid is not None:
@@ -728,11 +613,9 @@ class Embedding(keras.layers.Layer):
 
     def _lookup_dtype(self):
         """The dtype of looked-up rows before the cast to the compute dtype."""
-        if self._is_quantized:
-            return "float32"  # Rows are dequantized in float32.
-        if not self.lora_enabled:
-            return self._embeddings.dtype
-        return keras.backend.result_type(self._embeddings.dtype, "float32")
+        if self._adapters is None:
+            return self._table.row_dtype
+        return keras.backend.result_type(self._table.row_dtype, "float32")
 
     def _check_table_shape(self, table, what):
         _checkpoint.check_shape(
@@ -740,76 +623,12 @@ class Embedding(keras.layers.Layer):
             what,
             table,
             (self.input_dim, self.output_dim),
-            TABLE_SHAPE_HINT,
+            _tables.FLOAT_SHAPE_HINT,
         )
 
     def _set_table(self, table):
         """Sets the table from float values, quantizing them if the layer is."""
-        if self._is_quantized:
-            table = ops.convert_to_numpy(ops.cast(table, "float32"))
-            self._assign_quantized(
-                _quantization.quantize_table(
-                    table,
-                    self._quantized_mode,
-                    self._default_config(self._quantized_mode),
-                    self.name,
-                )
-            )
-            return
-        self._embeddings.assign(ops.cast(table, self._embeddings.dtype))
-
-    def _reset_lora(self):
-        """Starts the adapters afresh: A from its initializer, B at zero."""
-        a = self.lora_embeddings_a
-        b = self.lora_embeddings_b
-        a.assign(self._lora_a_initializer(a.shape, dtype=a.dtype))
-        b.assign(ops.zeros(b.shape, dtype=b.dtype))
-
-    def _stored_variables(self):
-        """(name, variable) of the table's variables, in checkpoint order."""
-        if not self._is_quantized:
-            return [("embeddings", self._embeddings)]
-        stored = [
-            ("embeddings", self._embeddings),
-            ("embeddings_scale", self.embeddings_scale),
-        ]
-        if self._int4_block_size is not None:
-            stored.append(("embeddings_zero", self.embeddings_zero))
-            stored.append(("g_idx", self.g_idx))
-        return stored
-
-    def _table_description(self):
-        if not self._is_quantized:
-            return "a float table"
-        if self._quantized_mode == "int8":
-            return "an int8-quantized table"
-        if self._int4_block_size is None:
-            return "an int4-quantized table with one scale per row"
-        return f"an int4-quantized table in groups of {self._int4_block_size}"
-
-    def _assign_stored(self, arrays):
-        """Assigns checked checkpoint arrays to the table's variables."""
-        if not self._is_quantized:
-            self._set_table(arrays[0])
-            return
-        for (_, variable), array in zip(self._stored_variables(), arrays, strict=True):
-            variable.assign(array)
-
-    def _assign_quantized(self, arrays):
-        """Assigns the arrays of `_quantization.quantize_table`."""
-        self._embeddings.assign(arrays["embeddings"])
-        self.embeddings_scale.assign(arrays["embeddings_scale"])
-        if "embeddings_zero" in arrays:
-            self.embeddings_zero.assign(arrays["embeddings_zero"])
-
-    def _fold_into_quantized(self, lora_a, lora_b, lora_alpha):
-        """Dequantizes the table, adds the LoRA delta, quantizes it again."""
-        rank = lora_a.shape[-1]
-        delta = ops.matmul(ops.cast(lora_a, "float32"), ops.cast(lora_b, "float32"))
-        merged = ops.add(
-            _quantization.dequantize_table(self), (lora_alpha / rank) * delta
-        )
-        self._set_table(merged)
+        self._table.assign_float(table)
 
     def _default_config(self, mode):
         """The config when none is passed: the layer's `quantization_config`

@@ -591,6 +591,18 @@ def test_invalid_mode_errors_match_keras(mode):
     assert messages[0] == messages[1]
 
 
+def test_quantized_build_refuses_another_table_shape():
+    layer = Embedding(VOCAB, 8, name="table")
+    with pytest.raises(ValueError) as info:
+        layer.quantized_build((VOCAB + 1, 8), "int8")
+    assert str(info.value) == (
+        f"Layer 'table' has a table of shape ({VOCAB}, 8) (input_dim, "
+        "output_dim) and cannot build quantized variables for "
+        f"embeddings_shape=({VOCAB + 1}, 8)."
+    )
+    assert layer.weights == []
+
+
 def test_int8_with_float16_compute_is_refused_like_keras():
     def action(layer):
         layer.dtype_policy = "mixed_float16"

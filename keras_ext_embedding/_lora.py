@@ -1,0 +1,87 @@
+"""LoRA adapters of an Embedding: `A (input_dim, rank)` and `B (rank,
+output_dim)`, float32 and trainable, adding `(alpha / rank) * A @ B` to the
+table without touching it.
+
+The adapters are attributes of the layer under Keras's names
+(`lora_embeddings_a`, `lora_embeddings_b`); this piece creates them, reads
+the delta of gathered rows, and resets or removes them.
+"""
+
+import keras
+import numpy as np
+from keras import ops
+
+
+class LoraAdapters:
+    """The adapters of `layer`, of its `lora_rank`, scaled by its
+    `lora_alpha / lora_rank` (read from the layer, where Keras keeps them)."""
+
+    def __init__(self, layer, a_initializer):
+        self.layer = layer
+        self.a_initializer = keras.initializers.get(a_initializer)
+
+    @property
+    def rank(self):
+        return self.layer.lora_rank
+
+    @property
+    def alpha(self):
+        return self.layer.lora_alpha
+
+    def build(self, b_initializer):
+        layer = self.layer
+        # Adapters stay float32 whatever the policy: low-precision adapters
+        # underflow during fine-tuning.
+        layer.lora_embeddings_a = layer.add_weight(
+            name="lora_embeddings_a",
+            shape=(layer.input_dim, self.rank),
+            initializer=self.a_initializer,
+            dtype="float32",
+            regularizer=layer.embeddings_regularizer,
+        )
+        layer.lora_embeddings_b = layer.add_weight(
+            name="lora_embeddings_b",
+            shape=(self.rank, layer.output_dim),
+            initializer=keras.initializers.get(b_initializer),
+            dtype="float32",
+            regularizer=layer.embeddings_regularizer,
+        )
+
+    def remove(self):
+        del self.layer.lora_embeddings_a
+        del self.layer.lora_embeddings_b
+
+    @property
+    def scale(self):
+        return self.alpha / self.rank
+
+    @property
+    def a(self):
+        return self.layer.lora_embeddings_a
+
+    @property
+    def b(self):
+        return self.layer.lora_embeddings_b
+
+    def rows(self, index):
+        """The delta of the rows at `index`: `scale * A[index] @ B`, without
+        the `input_dim x output_dim` product."""
+        b = self.b
+        if self.scale != 1:
+            # Scaling B (rank x output_dim) costs less than scaling the rows.
+            b = ops.multiply(b, self.scale)
+        return ops.matmul(ops.take(self.a, index, axis=0), b)
+
+    def delta(self):
+        """The whole `scale * A @ B`, float32: for merging, never a lookup."""
+        return self.scale * ops.matmul(self.a, self.b)
+
+    def stored(self):
+        """The three checkpoint entries after the table's: A, B, alpha."""
+        return [self.a, self.b, np.asarray([self.alpha], dtype="float64")]
+
+    def reset(self):
+        """Starts afresh: A from its initializer, B at zero."""
+        a, b = self.a, self.b
+        a.assign(self.a_initializer(a.shape, dtype=a.dtype))
+        b.assign(ops.zeros(b.shape, dtype=b.dtype))
