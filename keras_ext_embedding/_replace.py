@@ -24,7 +24,10 @@ def replace_embeddings(model, **overrides):
       config with the original's weights.
     - A subclassed model cannot be cloned by Keras: its Embedding layers (also
       inside its sub-layers, lists and dicts) are replaced in place, and the
-      same model object is returned.
+      same model object is returned. A subclass built with the functional
+      API in its `__init__` (keras-hub backbones and tasks) runs the nodes
+      of its graph, not its attributes: the nodes where a Keras Embedding was
+      called run the replacement from then on.
 
     Compile the returned model before training it: the optimizer state of the
     original is not carried over.
@@ -119,9 +122,10 @@ def _replace_in_place(model, overrides):
     replacements = {}
 
     def replacement_for(owner, old):
-        new = replacements.get(id(old))
+        new = replacements.get(id(old), (None, None))[1]
         if new is None:
-            new = replacements[id(old)] = _converted(old, overrides)
+            new = _converted(old, overrides)
+            replacements[id(old)] = (old, new)
         # The owner's tracker lists its sub-layers (and so its weights) in
         # order: the replacement takes the old layer's place.
         if owner._tracker.is_in_store("layers", old):
@@ -137,12 +141,35 @@ def _replace_in_place(model, overrides):
             if _is_keras_embedding(value):
                 setattr(owner, name, replacement_for(owner, value))
             elif isinstance(value, list):
-                for index, item in enumerate(value):
+                # Item assignment through the container's own method: on
+                # TensorFlow a tracked list keeps its items in a wrapped list.
+                for index, item in enumerate(list(value)):
                     if _is_keras_embedding(item):
-                        list.__setitem__(value, index, replacement_for(owner, item))
+                        value[index] = replacement_for(owner, item)
             elif isinstance(value, dict):
                 for key, item in list(value.items()):
                     if _is_keras_embedding(item):
-                        dict.__setitem__(value, key, replacement_for(owner, item))
+                        value[key] = replacement_for(owner, item)
+    for old, new in replacements.values():
+        _take_over_nodes(old, new)
     # Functions traced before the replacement still hold the old layers.
     model.train_function = model.test_function = model.predict_function = None
+
+
+def _take_over_nodes(old, new):
+    """Makes the graph nodes where `old` was called run `new`.
+
+    A model built with the functional API, a subclass's included, runs
+    `node.operation` for each node of its graph; the nodes are shared by
+    every model whose graph holds them (a backbone inside a task model), so
+    rewriting them upgrades all of those at once.
+    """
+    for node in old._inbound_nodes:
+        node.operation = new
+        for tensor in node.outputs:
+            history = tensor._keras_history
+            tensor._keras_history = history._replace(operation=new)
+    new._inbound_nodes = old._inbound_nodes
+    new._outbound_nodes = old._outbound_nodes
+    old._inbound_nodes = []
+    old._outbound_nodes = []

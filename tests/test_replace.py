@@ -139,6 +139,57 @@ def test_subclassed_model_is_upgraded_in_place(rng):
     assert not out.any()
 
 
+class Backbone(keras.Model):
+    """A keras-hub-style backbone: a Model subclass built with the
+    functional API in `__init__`, its layers also kept as attributes."""
+
+    def __init__(self, **kwargs):
+        inputs = keras.Input((4,), dtype="int32")
+        token_embedding = keras.layers.Embedding(VOCAB, DIM, name="token_embedding")
+        pooled = keras.layers.GlobalAveragePooling1D()(token_embedding(inputs))
+        outputs = keras.layers.Dense(2, name="head")(pooled)
+        super().__init__(inputs, outputs, **kwargs)
+        self.token_embedding = token_embedding
+
+
+class Task(keras.Model):
+    """A keras-hub-style task: a functional subclass calling a backbone."""
+
+    def __init__(self, backbone, **kwargs):
+        inputs = keras.Input((4,), dtype="int32")
+        outputs = keras.layers.Dense(1, name="task_head")(backbone(inputs))
+        super().__init__(inputs, outputs, **kwargs)
+        self.backbone = backbone
+
+
+@pytest.mark.parametrize("wrapped", [False, True], ids=["backbone", "task"])
+def test_functional_subclass_runs_the_replacement(wrapped, rng):
+    backbone = Backbone()
+    model = Task(backbone) if wrapped else backbone
+    randomize(model, rng)
+    before = predict(model)
+    paths = [v.path for v in model.weights]
+
+    upgraded = replace_embeddings(model)
+
+    assert upgraded is model
+    assert type(backbone.token_embedding) is Embedding
+    assert backbone.get_layer("token_embedding") is backbone.token_embedding
+    assert [v.path for v in model.weights] == paths
+    np.testing.assert_array_equal(predict(model), before)
+    # The graph really runs our layer: its table drives the outputs, and an
+    # invalid id gets our error instead of Keras's silent lookup.
+    table = backbone.token_embedding.embeddings
+    table.assign(ops.zeros(table.shape))
+    assert not np.array_equal(predict(model), before)
+    with pytest.raises(InvalidIdError, match="received an invalid id 40"):
+        model(np.array([[1, 2, 3, VOCAB]], dtype="int32"))
+    # And it trains as the model's own layer.
+    model.compile(keras.optimizers.SGD(0.5), "mse")
+    model.fit(IDS, np.ones((2, model.outputs[0].shape[-1])), verbose=0)
+    assert np.any(ops.convert_to_numpy(backbone.token_embedding.embeddings))
+
+
 def test_model_with_lora_keeps_its_adapters(rng):
     inputs = keras.Input((4,), dtype="int32")
     layer = keras.layers.Embedding(VOCAB, DIM, name="tokens")
