@@ -122,10 +122,9 @@ def _replace_in_place(model, overrides):
     replacements = {}
 
     def replacement_for(owner, old):
-        new = replacements.get(id(old), (None, None))[1]
-        if new is None:
-            new = _converted(old, overrides)
-            replacements[id(old)] = (old, new)
+        if id(old) not in replacements:
+            replacements[id(old)] = (old, _converted(old, overrides))
+        new = replacements[id(old)][1]
         # The owner's tracker lists its sub-layers (and so its weights) in
         # order: the replacement takes the old layer's place.
         if owner._tracker.is_in_store("layers", old):

@@ -35,6 +35,10 @@ class _Table:
     def __init__(self, layer):
         self.layer = layer
 
+    def check_stored(self, arrays):
+        """Refuses checkpoint arrays whose values cannot be this table's
+        (their count, dtypes and shapes are checked by `_checkpoint`)."""
+
     def add_delta(self, delta):
         """Adds a float32 `(input_dim, output_dim)` delta (merged LoRA
         adapters) to the table, kept in its format."""
@@ -93,10 +97,6 @@ class FloatTable(_Table):
     def stored(self):
         """`(name, variable)` of the table, in checkpoint order."""
         return [("embeddings", self.layer._embeddings)]
-
-    def check_stored(self, arrays):
-        """Refuses checkpoint arrays whose values cannot be this table's
-        (their count, dtypes and shapes are checked by `_checkpoint`)."""
 
     def assign_stored(self, arrays):
         self.assign_float(arrays[0])
@@ -162,7 +162,7 @@ class _QuantizedTable(_Table):
         return "float32"  # rows are dequantized in float32
 
     def rows(self, index):
-        values = ops.take(self.layer._embeddings, index, axis=0)
+        values = self._unpacked(ops.take(self.layer._embeddings, index, axis=0))
         scale = ops.take(self.layer.embeddings_scale, index, axis=0)
         return self._dequantize(values, scale, index)
 
@@ -172,17 +172,15 @@ class _QuantizedTable(_Table):
         return self.rows(ops.arange(self.layer.input_dim))
 
     def embeddings(self, lora):
-        # As keras.layers.Embedding: the stored integers, without the delta.
-        return self.layer._embeddings
+        # As keras.layers.Embedding: the stored integers (int4 unpacked to
+        # int8), without the delta.
+        return self._unpacked(self.layer._embeddings)
 
     def stored(self):
         return [
             ("embeddings", self.layer._embeddings),
             ("embeddings_scale", self.layer.embeddings_scale),
         ]
-
-    def check_stored(self, arrays):
-        pass
 
     def assign_stored(self, arrays):
         for (_, variable), array in zip(self.stored(), arrays, strict=True):
@@ -210,6 +208,10 @@ class _QuantizedTable(_Table):
         for name, variable in self.stored():
             if name in arrays:
                 variable.assign(arrays[name])
+
+    def _unpacked(self, values):
+        """Stored int8 values as one int8 value per column."""
+        return values
 
     def _dequantize(self, values, scale, index):
         # One scale per row. The same bits on every backend: XLA (JAX,
@@ -242,15 +244,8 @@ class Int4Table(_QuantizedTable):
     def width(self):
         return _quantization.packed_width(self.layer.output_dim)
 
-    def rows(self, index):
-        values = ops.take(self.layer._embeddings, index, axis=0)
-        values = _quantization.unpack_int4(values, self.layer.output_dim)
-        scale = ops.take(self.layer.embeddings_scale, index, axis=0)
-        return self._dequantize(values, scale, index)
-
-    def embeddings(self, lora):
-        # As keras.layers.Embedding: the int4 values unpacked to int8.
-        return _quantization.unpack_int4(self.layer._embeddings, self.layer.output_dim)
+    def _unpacked(self, values):
+        return _quantization.unpack_int4(values, self.layer.output_dim)
 
 
 class GroupedInt4Table(Int4Table):

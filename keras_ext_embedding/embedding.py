@@ -178,7 +178,7 @@ class Embedding(keras.layers.Layer):
                 weights = weights[0]
             weights = np.asarray(weights)
             self._check_table_shape(weights, "`weights`")
-            self._set_table(weights)
+            self._table.assign_float(weights)
 
     def build(self, input_shape=None):
         if self.built:
@@ -626,14 +626,10 @@ class Embedding(keras.layers.Layer):
             _tables.FLOAT_SHAPE_HINT,
         )
 
-    def _set_table(self, table):
-        """Sets the table from float values, quantizing them if the layer is."""
-        self._table.assign_float(table)
-
     def _default_config(self, mode):
         """The config when none is passed: the layer's `quantization_config`
         if it is for `mode`, else what the dtype policy names. For a built
-        layer, the config its table was quantized with (`_set_table` and
+        layer, the config its table was quantized with (`assign_float` and
         merging LoRA quantize again with it)."""
         config = self.quantization_config
         if config is not None and config.mode == mode:

@@ -120,12 +120,18 @@ def test_evaluate_after_quantize_gives_the_quantized_loss(
     assert loss != float_loss
 
 
-def test_predict_after_quantize_under_mixed_bfloat16(rng):
-    layer = Embedding(VOCAB, DIM, dtype="mixed_bfloat16")
+def traced_lookup(rng, **kwargs):
+    """A lookup model on a random table whose predict function has run."""
+    layer = Embedding(VOCAB, DIM, **kwargs)
     model = compiled(lookup_model(layer))
     randomize(layer._embeddings, rng)
     ids, _ = task(rng)
     model.predict(ids, verbose=0)
+    return layer, model, ids
+
+
+def test_predict_after_quantize_under_mixed_bfloat16(rng):
+    layer, model, ids = traced_lookup(rng, dtype="mixed_bfloat16")
     layer.quantize("int4")
     predicted = model.predict(ids, verbose=0)
     assert keras.backend.standardize_dtype(predicted.dtype) == "bfloat16"
@@ -133,11 +139,7 @@ def test_predict_after_quantize_under_mixed_bfloat16(rng):
 
 
 def test_model_quantize_retraces_and_gives_the_quantized_rows(rng):
-    layer = Embedding(VOCAB, DIM, name="tokens")
-    model = compiled(lookup_model(layer))
-    randomize(layer._embeddings, rng)
-    ids, _ = task(rng)
-    model.predict(ids, verbose=0)
+    layer, model, ids = traced_lookup(rng, name="tokens")
     model.quantize("int4", filters="tokens")
     assert model.predict_function is None  # Keras drops the traced functions
     np.testing.assert_array_equal(model.predict(ids, verbose=0), raw(layer(ids)))

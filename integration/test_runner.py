@@ -1,0 +1,36 @@
+"""Choosing backends: `INTEGRATION_BACKENDS` and `tests/run_backends.py`
+refuse a name that is not a backend, and say which ones are."""
+
+import subprocess
+import sys
+
+import pytest
+from processes import ALL_BACKENDS, ROOT, selected_backends
+
+
+def test_selection_keeps_the_backends_order_and_defaults_to_all():
+    assert selected_backends("") == ALL_BACKENDS
+    assert selected_backends("torch, jax") == ("jax", "torch")
+    assert selected_backends("tensorflow") == ("tensorflow",)
+
+
+def test_unknown_integration_backend_is_refused():
+    with pytest.raises(ValueError) as info:
+        selected_backends("jax,torchh")
+    assert str(info.value) == (
+        "INTEGRATION_BACKENDS must name backends among tensorflow, jax, torch, "
+        "separated by spaces or commas. Received: "
+        "INTEGRATION_BACKENDS='jax,torchh' (unknown: torchh)."
+    )
+
+
+def test_runner_refuses_an_unknown_backend_before_running_anything():
+    done = subprocess.run(
+        [sys.executable, ROOT / "tests" / "run_backends.py", "jax", "torchh"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert "unknown backends ['torchh']; choose from" in done.stderr
+    assert "unit[" not in done.stdout  # no suite started
