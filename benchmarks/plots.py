@@ -248,21 +248,35 @@ def finish(figure, title, path):
     plt.close(figure)
 
 
+# name: (draw, alt text, the results section it is drawn from)
 FIGURES = {
-    "vocab_scaling_forward": (forward_scaling, "Forward time against vocabulary size"),
+    "vocab_scaling_forward": (
+        forward_scaling,
+        "Forward time against vocabulary size",
+        "vocab_scaling",
+    ),
     "vocab_scaling_train": (
         train_scaling,
         "Training-step time against vocabulary size",
+        "vocab_scaling",
     ),
-    "native_floor": (native_floor, "Lookup time relative to the backend's own op"),
-    "memory": (memory, "Table bytes and peak memory of one forward pass"),
+    "native_floor": (
+        native_floor,
+        "Lookup time relative to the backend's own op",
+        "native_floor",
+    ),
+    "memory": (memory, "Table bytes and peak memory of one forward pass", "memory"),
 }
 
 
 def write_all(results, img_dir):
+    """Draws the figures whose section this run measured (`--sections`
+    may leave some out); returns {name: (file name, alt text)}."""
     os.makedirs(img_dir, exist_ok=True)
     written = {}
-    for name, (draw, alt) in FIGURES.items():
+    for name, (draw, alt, section) in FIGURES.items():
+        if not any(result.get(section) for result in results.values()):
+            continue
         file_name = f"{name}.png"
         draw(results, os.path.join(img_dir, file_name))
         written[name] = (file_name, alt)

@@ -231,6 +231,8 @@ def memory_verdict(data):
 
 
 def figure(images, name):
+    if name not in images:
+        return "*Figure not drawn: this run did not measure its section.*"
     file_name, alt = images[name]
     return f"![{alt}](img/{file_name})"
 
