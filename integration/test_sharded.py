@@ -2,7 +2,8 @@
 
 scripts/sharded.py trains the same model from the same weights on one device,
 under DataParallel, and under ModelParallel with the table (and LoRA's A)
-sharded by rows; the results must agree within float32 rounding.
+sharded by rows (an untied reverse table by vocabulary columns); the results
+must agree within float32 rounding.
 """
 
 import json
@@ -12,7 +13,8 @@ from processes import SCRIPTS, needs, run_under
 
 pytestmark = needs("jax")  # keras.distribution covers JAX only
 
-CASES = ("float", "lora", "int8_lora")
+CASES = ("float", "lora", "int8_lora", "reversible_untied", "reversible_lora")
+TRAINED_TABLE = ("float", "reversible_untied")
 DISTRIBUTIONS = ("data_parallel", "model_parallel")
 TOLERANCE = 1e-5
 
@@ -41,16 +43,20 @@ def test_training_matches_a_single_device(report, case, distribution):
     assert result["predictions_max_diff"] < TOLERANCE
     assert result["trained"] == report[case]["single"]["trained"]
     table_trains = "tokens/embeddings" in result["trained"]
-    assert table_trains == (case == "float")  # LoRA freezes the table
+    assert table_trains == (case in TRAINED_TABLE)  # LoRA freezes the table
+    if case == "reversible_untied":
+        assert "tokens/reverse_embeddings" in result["trained"]
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_model_parallel_shards_the_table_and_lora_a_by_rows(report, case):
     layouts = report[case]["model_parallel"]["layouts"]
     assert layouts["tokens/embeddings"] == "P('model', None)"
-    if case != "float":
+    if case not in TRAINED_TABLE:
         assert layouts["tokens/lora_embeddings_a"] == "P('model', None)"
         assert layouts["tokens/lora_embeddings_b"] == "P(None, None)"
+    if case == "reversible_untied":
+        assert layouts["tokens/reverse_embeddings"] == "P(None, 'model')"
 
 
 @pytest.mark.parametrize("distribution", ("single", *DISTRIBUTIONS))

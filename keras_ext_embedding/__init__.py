@@ -6,11 +6,13 @@ from keras_ext_embedding._layout import shard_embeddings
 from keras_ext_embedding._replace import replace_embeddings
 from keras_ext_embedding.embedding import Embedding
 from keras_ext_embedding.errors import InvalidIdError
+from keras_ext_embedding.reversible_embedding import ReversibleEmbedding
 
 __version__ = "0.1.0"
 __all__ = [
     "Embedding",
     "InvalidIdError",
+    "ReversibleEmbedding",
     "__version__",
     "replace_embeddings",
     "shard_embeddings",

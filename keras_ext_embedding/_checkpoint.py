@@ -58,7 +58,7 @@ def read_entries(store, layer_name, stored, description, shape_hint):
 def _hint(entries, stored):
     """What the checkpoint probably holds, and how to load it."""
     file_quantized = bool(entries) and entries[0].dtype == np.int8
-    layer_quantized = len(stored) > 1
+    layer_quantized = str(stored[0][1].dtype) == "int8"
     if file_quantized and not layer_quantized:
         return (
             "The checkpoint holds a quantized table: build the layer with the "

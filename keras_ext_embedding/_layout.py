@@ -8,14 +8,21 @@ def shard_embeddings(layout_map, layer_name=".*", axis="model"):
 
     For `keras.distribution.ModelParallel`: each device of the mesh's `axis`
     holds `input_dim / axis_size` rows of the table and of LoRA's `A`
-    (`input_dim x rank`); LoRA's `B` (`rank x output_dim`) and the quantized
-    tables' scales stay replicated. A lookup then gathers each id's row from
-    the device that holds it, which XLA does for the whole batch at once.
+    (`input_dim x rank`), and the same vocabulary entries of an untied
+    `ReversibleEmbedding`'s `reverse_embeddings` (`output_dim x input_dim`,
+    sharded along its columns); LoRA's `B` (`rank x output_dim`) and the
+    quantized tables' scales stay replicated. A lookup then gathers each
+    id's row from the device that holds it, and a reverse projection
+    computes each device's slice of the logits from the rows it holds, which
+    XLA does for the whole batch at once.
 
-    The rules match variable paths: `{layer_name}/embeddings` and
-    `{layer_name}/lora_embeddings_a`, anchored at the end, so they never
-    overlap (Keras refuses a path that two rules match). Works for
-    `keras_ext_embedding.Embedding` and `keras.layers.Embedding` alike.
+    The rules match variable paths: `{layer_name}/embeddings`,
+    `{layer_name}/lora_embeddings_a` and `{layer_name}/reverse_embeddings`,
+    anchored at the end, so they never overlap (Keras refuses a path that two
+    rules match). Works for our `Embedding` and `ReversibleEmbedding` and for
+    Keras's alike. keras-hub's own layout maps (`get_layout_map` of Gemma,
+    Llama, Qwen) have no rule for `reverse_embeddings`: an untied head is
+    then replicated on every device.
 
     Examples:
         >>> devices = ["cpu:0", "cpu:1", "cpu:2", "cpu:3"]
@@ -26,6 +33,8 @@ def shard_embeddings(layout_map, layer_name=".*", axis="model"):
         ('model', None)
         >>> layout_map["tokens/lora_embeddings_a"].axes
         ('model', None)
+        >>> layout_map["tokens/reverse_embeddings"].axes
+        (None, 'model')
         >>> print(layout_map["tokens/lora_embeddings_b"])
         None
 
@@ -57,4 +66,5 @@ def shard_embeddings(layout_map, layer_name=".*", axis="model"):
         ) from error
     layout_map[rf"{layer_name}/embeddings$"] = (axis, None)
     layout_map[rf"{layer_name}/lora_embeddings_a$"] = (axis, None)
+    layout_map[rf"{layer_name}/reverse_embeddings$"] = (None, axis)
     return layout_map

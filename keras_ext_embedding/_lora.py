@@ -72,6 +72,16 @@ class LoraAdapters:
             b = ops.multiply(b, self.scale)
         return ops.matmul(ops.take(self.a, index, axis=0), b)
 
+    def project(self, hidden):
+        """The delta of the projection `hidden @ (scale * A @ B)^T`, as
+        `scale * (hidden @ B^T) @ A^T`: two thin products, float32, without
+        the `input_dim x output_dim` delta."""
+        hidden = ops.cast(hidden, "float32")
+        low_rank = ops.einsum("...d,rd->...r", hidden, self.b)
+        if self.scale != 1:
+            low_rank = ops.multiply(low_rank, self.scale)
+        return ops.einsum("...r,vr->...v", low_rank, self.a)
+
     def delta(self):
         """The whole `scale * A @ B`, float32: for merging, never a lookup."""
         return self.scale * ops.matmul(self.a, self.b)

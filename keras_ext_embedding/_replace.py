@@ -1,22 +1,46 @@
-"""Upgrading existing models: every `keras.layers.Embedding` becomes ours."""
+"""Upgrading existing models: every Keras embedding layer becomes ours."""
 
 import contextlib
 
 import keras
 
 from keras_ext_embedding.embedding import Embedding
+from keras_ext_embedding.reversible_embedding import ReversibleEmbedding
+
+# Keras's classes and ours: subclasses of Keras's that add nothing of their
+# own (keras-hub's `keras_hub.layers.ReversibleEmbedding` is one) count as
+# Keras's.
+REPLACEMENTS = (
+    (keras.layers.ReversibleEmbedding, ReversibleEmbedding),
+    (keras.layers.Embedding, Embedding),
+)
+# What a class may define and still add nothing to its Keras base.
+EMPTY_CLASS_ATTRIBUTES = {
+    "__module__",
+    "__qualname__",
+    "__doc__",
+    "__dict__",
+    "__weakref__",
+    "__firstlineno__",
+    "__static_attributes__",
+    "__annotations__",
+}
 
 
 def replace_embeddings(model, **overrides):
-    """Returns `model` with every `keras.layers.Embedding` replaced by ours.
+    """Returns `model` with every Keras embedding layer replaced by ours.
 
-    Each replacement is `keras_ext_embedding.Embedding.from_config` of the
-    Keras layer's config (the same name, dimensions, `mask_zero`, dtype
-    policy, LoRA rank and alpha, quantization) with the Keras layer's
-    variables assigned, so the model's outputs stay the same (bit for bit
-    without LoRA; with LoRA up to float32 rounding, as ours adds the adapters
-    row by row). Layers that subclass `keras.layers.Embedding` are left alone:
-    their call may differ.
+    `keras.layers.Embedding` becomes `keras_ext_embedding.Embedding` and
+    `keras.layers.ReversibleEmbedding` (keras-hub's token embeddings, its
+    `keras_hub.layers.ReversibleEmbedding` included) becomes
+    `keras_ext_embedding.ReversibleEmbedding`. Each replacement is our
+    class's `from_config` of the Keras layer's config (the same name,
+    dimensions, `mask_zero`, tied or untied weights, `reverse_dtype`,
+    `logit_soft_cap`, dtype policy, LoRA rank and alpha, quantization) with
+    the Keras layer's variables assigned, so the model's outputs stay the
+    same (lookups bit for bit without LoRA; logits and LoRA rows up to
+    float32 rounding, int8 logits bit for bit). Other subclasses of Keras's
+    layers are left alone: their call may differ.
 
     - A Functional or Sequential model is cloned (`keras.models.clone_model`,
       nested Functional and Sequential models included): the original model
@@ -25,9 +49,15 @@ def replace_embeddings(model, **overrides):
     - A subclassed model cannot be cloned by Keras: its Embedding layers (also
       inside its sub-layers, lists and dicts) are replaced in place, and the
       same model object is returned. A subclass built with the functional
-      API in its `__init__` (keras-hub backbones and tasks) runs the nodes
-      of its graph, not its attributes: the nodes where a Keras Embedding was
-      called run the replacement from then on.
+      API in its `__init__` (keras-hub backbones and tasks such as
+      `GPT2CausalLM`) runs the nodes of its graph, not its attributes: the
+      nodes where a Keras layer was called run the replacement from then on,
+      and every attribute that shared the old layer (a task's
+      `backbone.token_embedding`, keras-hub's `MaskedLMHead.token_embedding`)
+      holds the new one.
+
+    A `.keras` file of a keras-hub model reloads as keras-hub builds it, with
+    Keras's layers: call `replace_embeddings` again after loading.
 
     Compile the returned model before training it: the optimizer state of the
     original is not carried over.
@@ -65,14 +95,32 @@ def replace_embeddings(model, **overrides):
     return model
 
 
+def _replacement_class(layer):
+    """Our class replacing `layer`, or None if it is not one of Keras's."""
+    for keras_class, ours in REPLACEMENTS:
+        if isinstance(layer, keras_class) and _adds_nothing(type(layer), keras_class):
+            return ours
+    return None
+
+
+def _adds_nothing(cls, base):
+    """Whether `cls` is `base` or a chain of subclasses defining nothing."""
+    for klass in cls.__mro__:
+        if klass is base:
+            return True
+        if set(vars(klass)) - EMPTY_CLASS_ATTRIBUTES:
+            return False
+    return False
+
+
 def _is_keras_embedding(layer):
-    return type(layer) is keras.layers.Embedding
+    return _replacement_class(layer) is not None
 
 
 def _converted(layer, overrides):
-    """Our layer from a Keras Embedding's config, holding its variables."""
+    """Our layer from a Keras layer's config, holding its variables."""
     config = {**layer.get_config(), **overrides}
-    replacement = Embedding.from_config(config)
+    replacement = _replacement_class(layer).from_config(config)
     # Built under the old layer's parent scope, its variables get the old
     # variables' paths (e.g. "recommender/users/embeddings").
     parent = layer.path.rpartition("/")[0] if layer.path else ""
@@ -86,6 +134,12 @@ def _copy_variables(source, target):
     # Through NumPy: on JAX, assigning a variable itself would share one
     # buffer between the two layers, which a donating train step deletes.
     for new, old in zip(target.weights, source.weights, strict=True):
+        if new.name != old.name:
+            raise ValueError(
+                f"Cannot carry the variables of layer '{source.name}' over to "
+                f"its replacement: they are {[w.name for w in source.weights]}, "
+                f"the replacement's {[w.name for w in target.weights]}."
+            )
         new.assign(keras.ops.convert_to_numpy(old))
 
 

@@ -1,26 +1,37 @@
-"""The table formats of an Embedding: float, int8, int4 per row, int4 grouped.
+"""The table formats of an embedding layer: float, int8, int4 per row, int4 grouped.
 
 Each format is one class. It creates the layer's table variables, under
 `keras.layers.Embedding`'s names and in its order (`_checkpoint` shows the
 layout), and answers everything the layer asks of its table: the rows of
-gathered ids, the whole table in float32, the variables a checkpoint stores
-and what they hold, values set from a float table, and what
-`layer.embeddings` returns. The layer composes ids -> table -> LoRA adapters
--> output and does not ask which format it holds.
+gathered ids, the projection of hidden states onto every row (`h @ table^T`,
+a `ReversibleEmbedding`'s logits), the whole table in float32, the variables
+a checkpoint stores and what they hold, values set from a float table, and
+what `layer.embeddings` returns. The layer composes ids -> table -> LoRA
+adapters -> output and does not ask which format it holds.
+
+A table holds a vocabulary of `input_dim` rows of `output_dim` values. Where
+its variables live is its `Placement`: `FORWARD` is the table a lookup reads
+(`embeddings`, rows first), `REVERSE` the untied output projection of a
+`ReversibleEmbedding` (`reverse_embeddings`, stored transposed, as Keras
+stores it). A format reads both the same way: each slice of rows it reads is
+turned rows-first on the way (a transpose of the few stored bytes of that
+slice, never of the table).
 
 The variables stay attributes of the layer (`layer._embeddings`,
-`layer.embeddings_scale`, ...), where Keras and checkpoints expect them; a
-format reads them from there.
+`layer.embeddings_scale`, `layer.reverse_embeddings`, ...), where Keras and
+checkpoints expect them; a format reads them from there.
 
 Quantized rows are read back from gathered rows only: a lookup of `n` ids
 touches `n` packed rows, never the `input_dim x output_dim` table that Keras
-unpacks on every int4 call.
+unpacks on every int4 call; a projection reads the table in vocabulary
+chunks (`_projection`), so no float copy of it is ever made.
 """
 
 import keras
+import numpy as np
 from keras import ops
 
-from keras_ext_embedding import _checkpoint, _quantization
+from keras_ext_embedding import _checkpoint, _projection, _quantization
 
 FLOAT_SHAPE_HINT = (
     "Build the layer with the input_dim and output_dim the table was made for."
@@ -31,9 +42,108 @@ QUANTIZED_SHAPE_HINT = (
 )
 
 
+class Placement:
+    """Where a table's variables live on the layer, and which way round.
+
+    `variables` maps each variable's role (`"embeddings"`, `"scale"`,
+    `"zero"`, `"g_idx"`) to its name, which is also the layer attribute
+    holding it, except the forward table's `_embeddings` (the `embeddings`
+    property returns the table merged with LoRA).
+    """
+
+    def __init__(self, variables, attributes, transposed, zero_dtype, description):
+        self.variables = variables
+        self.attributes = attributes
+        self.transposed = transposed
+        self.zero_dtype = zero_dtype
+        self.description = description
+
+    def name(self, role):
+        return self.variables[role]
+
+    def has(self, role):
+        return role in self.variables
+
+    def get(self, layer, role):
+        return getattr(layer, self.attributes[role])
+
+    def set(self, layer, role, variable):
+        setattr(layer, self.attributes[role], variable)
+
+    def delete(self, layer, role):
+        delattr(layer, self.attributes[role])
+
+    def shape(self, rows_first):
+        """The stored shape of a variable whose rows-first shape is given."""
+        if self.transposed and len(rows_first) == 2:
+            return tuple(reversed(rows_first))
+        return tuple(rows_first)
+
+    def stored(self, array):
+        """A rows-first NumPy array in this placement's orientation."""
+        array = np.asarray(array)
+        return array.T if self.transposed and array.ndim == 2 else array
+
+    def read(self, value, start, stop):
+        """Rows `[start, stop)` of a variable's value, rows first."""
+        if len(value.shape) == 1:
+            return value[start:stop]
+        if self.transposed:
+            return ops.transpose(value[:, start:stop])
+        return value[start:stop]
+
+
+FORWARD = Placement(
+    variables={
+        "embeddings": "embeddings",
+        "scale": "embeddings_scale",
+        "zero": "embeddings_zero",
+        "g_idx": "g_idx",
+    },
+    attributes={
+        "embeddings": "_embeddings",
+        "scale": "embeddings_scale",
+        "zero": "embeddings_zero",
+        "g_idx": "g_idx",
+    },
+    transposed=False,
+    zero_dtype="int8",
+    description="",
+)
+# Keras's untied reverse table: `(output_dim, input_dim)`, int4 packed along
+# axis 0, per-group scales and zero points `(groups, input_dim)`, the zero
+# points float32 (the forward table's are int8), and no `g_idx` of its own.
+REVERSE = Placement(
+    variables={
+        "embeddings": "reverse_embeddings",
+        "scale": "reverse_embeddings_scale",
+        "zero": "reverse_embeddings_zero",
+    },
+    attributes={
+        "embeddings": "reverse_embeddings",
+        "scale": "reverse_embeddings_scale",
+        "zero": "reverse_embeddings_zero",
+    },
+    transposed=True,
+    zero_dtype="float32",
+    description="reverse ",
+)
+
+
 class _Table:
-    def __init__(self, layer):
+    def __init__(self, layer, placement=FORWARD):
         self.layer = layer
+        self.placement = placement
+
+    @property
+    def rows_count(self):
+        return self.layer.input_dim
+
+    @property
+    def variable(self):
+        """The variable holding the table's values (`embeddings` for the
+        forward table, `reverse_embeddings` for the reverse one)."""
+        return self.placement.get(self.layer, "embeddings")
 
     def check_stored(self, arrays):
         """Refuses checkpoint arrays whose values cannot be this table's
@@ -44,29 +154,50 @@ class _Table:
         adapters) to the table, kept in its format."""
         self.assign_float(ops.add(self.float_table(), delta))
 
+    def freeze(self):
+        """Stops the table from training (while LoRA adapters train)."""
+        self.variable.trainable = False
+
+    def unfreeze(self):
+        """Lets the table train again if its format can."""
+        self.variable.trainable = self.trainable
+
+    def stored_float(self):
+        """The whole table in float32, in its placement's orientation."""
+        table = self.float_table()
+        return ops.transpose(table) if self.placement.transposed else table
+
 
 class FloatTable(_Table):
-    """`embeddings`, `(input_dim, output_dim)`, in the layer's variable dtype."""
+    """`embeddings` `(input_dim, output_dim)` (transposed for the reverse
+    table), in the layer's variable dtype."""
 
     quantized = False
     mode = None
     block_size = None
-    description = "a float table"
     shape_hint = FLOAT_SHAPE_HINT
+
+    @property
+    def description(self):
+        return f"a float {self.placement.description}table"
 
     def build(self):
         layer = self.layer
-        layer._embeddings = layer.add_weight(
-            shape=(layer.input_dim, layer.output_dim),
+        forward = self.placement is FORWARD
+        # As Keras: only the forward table takes the regularizer and
+        # constraint.
+        variable = layer.add_weight(
+            shape=self.placement.shape((layer.input_dim, layer.output_dim)),
             initializer=layer.embeddings_initializer,
-            name="embeddings",
-            regularizer=layer.embeddings_regularizer,
-            constraint=layer.embeddings_constraint,
+            name=self.placement.name("embeddings"),
+            regularizer=layer.embeddings_regularizer if forward else None,
+            constraint=layer.embeddings_constraint if forward else None,
             trainable=True,
         )
+        self.placement.set(layer, "embeddings", variable)
 
     def remove(self):
-        del self.layer._embeddings
+        self.placement.delete(self.layer, "embeddings")
 
     @property
     def trainable(self):
@@ -76,19 +207,49 @@ class FloatTable(_Table):
     @property
     def row_dtype(self):
         """The dtype of `rows`, before the layer casts to its compute dtype."""
-        return self.layer._embeddings.dtype
+        return self.variable.dtype
 
     def rows(self, index):
-        return ops.take(self.layer._embeddings, index, axis=0)
+        return ops.take(self.variable, index, axis=0)
+
+    def project(self, hidden, dtype, inputs_quantizer=None):
+        """`hidden @ table^T`, `(..., output_dim) -> (..., input_dim)`, in
+        `dtype`.
+
+        The product runs in the wider of the table's dtype and `dtype`: a
+        bfloat16 policy's float32 table is read as it is (no cast copy of
+        the table; the logits are rounded once, at the end), and a bfloat16
+        table asked for float32 logits is widened chunk by chunk.
+        """
+        table = ops.convert_to_tensor(self.variable)
+        dot_dtype = keras.backend.result_type(table.dtype, dtype)
+        hidden = ops.cast(hidden, dot_dtype)
+        if keras.backend.standardize_dtype(table.dtype) == dot_dtype:
+            # One einsum, contracting the table's own axis: no transposed
+            # copy (`matmul(h, transpose(table))` copies the table eagerly on
+            # JAX and TensorFlow; under XLA both forms compile to one dot).
+            spec = "...d,dv->...v" if self.placement.transposed else "...d,vd->...v"
+            logits = ops.einsum(spec, hidden, table)
+        else:
+            logits = _projection.chunked_logits(
+                hidden,
+                self.rows_count,
+                self.layer.output_dim,
+                lambda start, stop: ops.cast(
+                    self.placement.read(table, start, stop), dot_dtype
+                ),
+            )
+        return ops.cast(logits, dtype)
 
     def float_table(self):
-        """The whole table as float32."""
-        return ops.cast(self.layer._embeddings, "float32")
+        """The whole table as float32, rows first."""
+        table = ops.cast(self.variable, "float32")
+        return ops.transpose(table) if self.placement.transposed else table
 
     def embeddings(self, lora):
         """What `layer.embeddings` returns: the table, merged with `lora`
         (the adapters, or None) in the compute dtype."""
-        table = self.layer._embeddings
+        table = self.variable
         if lora is None:
             return table
         merged = ops.add(table, lora.delta())
@@ -96,10 +257,11 @@ class FloatTable(_Table):
 
     def stored(self):
         """`(name, variable)` of the table, in checkpoint order."""
-        return [("embeddings", self.layer._embeddings)]
+        return [(self.placement.name("embeddings"), self.variable)]
 
     def assign_stored(self, arrays):
-        self.assign_float(arrays[0])
+        variable = self.variable
+        variable.assign(ops.cast(arrays[0], variable.dtype))
 
     def assign_merged(self, arrays, lora_a, lora_b, lora_alpha):
         """Assigns a checkpoint's table with its LoRA adapters folded in
@@ -109,8 +271,10 @@ class FloatTable(_Table):
         )
 
     def assign_float(self, table):
-        variable = self.layer._embeddings
-        variable.assign(ops.cast(table, variable.dtype))
+        """Assigns rows-first float values."""
+        variable = self.variable
+        values = ops.cast(table, variable.dtype)
+        variable.assign(ops.transpose(values) if self.placement.transposed else values)
 
 
 class _QuantizedTable(_Table):
@@ -120,30 +284,45 @@ class _QuantizedTable(_Table):
     quantized = True
     block_size = None
     shape_hint = QUANTIZED_SHAPE_HINT
+    # The largest magnitude of a stored value: bounds the integer dot of the
+    # projection (`_projection.exact_logits`).
+    value_bound = 127
 
     def build(self):
-        layer = self.layer
-        layer._embeddings = layer.add_weight(
-            name="embeddings",
-            shape=(layer.input_dim, self.width),
-            initializer="zeros",
-            dtype="int8",
-            trainable=False,
+        layer, place = self.layer, self.placement
+        place.set(
+            layer,
+            "embeddings",
+            layer.add_weight(
+                name=place.name("embeddings"),
+                shape=place.shape((layer.input_dim, self.width)),
+                initializer="zeros",
+                dtype="int8",
+                trainable=False,
+            ),
         )
         # autocast=False: under a mixed policy Keras would read the scales in
         # the compute dtype (bfloat16), rounding them before they are used;
         # rows are dequantized in float32 and rounded once, at the end.
-        layer.embeddings_scale = layer.add_weight(
-            name="embeddings_scale",
-            shape=self.scale_shape,
-            initializer="ones",
-            trainable=False,
-            autocast=False,
+        place.set(
+            layer,
+            "scale",
+            layer.add_weight(
+                name=place.name("scale"),
+                shape=place.shape(self.scale_shape),
+                initializer="ones",
+                trainable=False,
+                autocast=False,
+            ),
         )
 
     def remove(self):
-        del self.layer._embeddings
-        del self.layer.embeddings_scale
+        self.placement.delete(self.layer, "embeddings")
+        self.placement.delete(self.layer, "scale")
+
+    @property
+    def description(self):
+        return f"an {self.mode}-quantized {self.placement.description}table"
 
     @property
     def trainable(self):
@@ -162,14 +341,50 @@ class _QuantizedTable(_Table):
         return "float32"  # rows are dequantized in float32
 
     def rows(self, index):
-        values = self._unpacked(ops.take(self.layer._embeddings, index, axis=0))
-        scale = ops.take(self.layer.embeddings_scale, index, axis=0)
-        return self._dequantize(values, scale, index)
+        return self._rows(lambda variable: ops.take(variable, index, axis=0))
+
+    def project(self, hidden, dtype, inputs_quantizer=None):
+        """`hidden @ table^T` in `dtype`, with Keras's numerics.
+
+        As `keras.layers.ReversibleEmbedding`: with an `inputs_quantizer`
+        (int8's AbsMax per token), the hidden states are quantized and
+        multiplied by the stored integers exactly, then divided by both
+        scales; without one, by the stored integers, then divided by the
+        table's scale. The table is read in vocabulary chunks, each widened
+        to float32 on its own.
+        """
+        place = self.placement
+        embeddings = ops.convert_to_tensor(place.get(self.layer, "embeddings"))
+        inputs_scale = None
+        if inputs_quantizer is not None:
+            hidden, inputs_scale = inputs_quantizer(hidden)
+        hidden = ops.cast(hidden, "float32")
+
+        def kernel(start, stop):
+            return self._unpacked(place.read(embeddings, start, stop), "float32")
+
+        if inputs_scale is not None:
+            logits = _projection.exact_logits(
+                hidden, self.rows_count, self.layer.output_dim, kernel, self.value_bound
+            )
+        else:
+            logits = _projection.chunked_logits(
+                hidden, self.rows_count, self.layer.output_dim, kernel
+            )
+        logits = ops.cast(logits, dtype)
+        scale = ops.cast(place.get(self.layer, "scale"), dtype)
+        if inputs_scale is not None:
+            scale = ops.multiply(ops.cast(inputs_scale, dtype), scale)
+        return ops.divide(logits, scale)
 
     def float_table(self):
-        """The whole table as float32: an explicit `input_dim x output_dim`
-        step (merging LoRA, a traced function's float copy), never a lookup."""
-        return self.rows(ops.arange(self.layer.input_dim))
+        """The whole table as float32, rows first: an explicit `input_dim x
+        output_dim` step (merging LoRA, a traced function's float copy),
+        never a lookup or a projection."""
+        place, rows = self.placement, self.rows_count
+        return self._rows(
+            lambda variable: place.read(ops.convert_to_tensor(variable), 0, rows)
+        )
 
     def embeddings(self, lora):
         # As keras.layers.Embedding: the stored integers (int4 unpacked to
@@ -177,14 +392,14 @@ class _QuantizedTable(_Table):
         return self._unpacked(self.layer._embeddings)
 
     def stored(self):
+        place = self.placement
         return [
-            ("embeddings", self.layer._embeddings),
-            ("embeddings_scale", self.layer.embeddings_scale),
+            (place.name(role), place.get(self.layer, role)) for role in self._roles()
         ]
 
     def assign_stored(self, arrays):
         for (_, variable), array in zip(self.stored(), arrays, strict=True):
-            variable.assign(array)
+            variable.assign(ops.cast(array, variable.dtype))
 
     def assign_merged(self, arrays, lora_a, lora_b, lora_alpha):
         """Assigns a checkpoint's quantized table, then folds its adapters in
@@ -195,7 +410,8 @@ class _QuantizedTable(_Table):
         self.add_delta((lora_alpha / rank) * delta)
 
     def assign_float(self, table):
-        """Quantizes float values with the layer's config and assigns them."""
+        """Quantizes rows-first float values with the layer's config and
+        assigns them."""
         layer = self.layer
         table = ops.convert_to_numpy(ops.cast(table, "float32"))
         config = layer._default_config(self.mode)
@@ -204,16 +420,30 @@ class _QuantizedTable(_Table):
         )
 
     def assign_quantized(self, arrays):
-        """Assigns the arrays of `_quantization.quantize_table`."""
-        for name, variable in self.stored():
+        """Assigns the rows-first arrays of `_quantization.quantize_table`
+        (named `embeddings`, `embeddings_scale`, `embeddings_zero`)."""
+        place = self.placement
+        for role in self._roles():
+            name = FORWARD.name(role)
             if name in arrays:
-                variable.assign(arrays[name])
+                variable = place.get(self.layer, role)
+                variable.assign(place.stored(arrays[name]).astype(variable.dtype))
 
-    def _unpacked(self, values):
-        """Stored int8 values as one int8 value per column."""
-        return values
+    def _roles(self):
+        return ("embeddings", "scale")
 
-    def _dequantize(self, values, scale, index):
+    def _rows(self, read):
+        """Dequantized float32 rows; `read(variable)` selects them (rows
+        first) from each of the table's variables."""
+        place = self.placement
+        values = self._unpacked(read(place.get(self.layer, "embeddings")))
+        return self._dequantize(values, read(place.get(self.layer, "scale")))
+
+    def _unpacked(self, values, dtype="int8"):
+        """Stored int8 values as one `dtype` value per column."""
+        return ops.cast(values, dtype)
+
+    def _dequantize(self, values, scale):
         # One scale per row. The same bits on every backend: XLA (JAX,
         # TensorFlow with jit_compile) turns `values / scale` into `values *
         # (1 / scale)`, whose last bit can differ, so that product is what
@@ -230,7 +460,6 @@ class Int8Table(_QuantizedTable):
     `int8_row / scale`."""
 
     mode = "int8"
-    description = "an int8-quantized table"
 
 
 class Int4Table(_QuantizedTable):
@@ -238,29 +467,38 @@ class Int4Table(_QuantizedTable):
     nibble first; one scale per row, read back as for int8."""
 
     mode = "int4"
-    description = "an int4-quantized table with one scale per row"
+    value_bound = 8
+
+    @property
+    def description(self):
+        table = f"{self.placement.description}table"
+        return f"an int4-quantized {table} with one scale per row"
 
     @property
     def width(self):
         return _quantization.packed_width(self.layer.output_dim)
 
-    def _unpacked(self, values):
-        return _quantization.unpack_int4(values, self.layer.output_dim)
+    def _unpacked(self, values, dtype="int8"):
+        return _quantization.unpack_int4(values, self.layer.output_dim, dtype)
 
 
 class GroupedInt4Table(Int4Table):
     """int4 values as `Int4Table`, each row cut into groups of `block_size`
-    values with a float32 scale and an int8 zero point each, `(input_dim,
-    groups)`; a value reads back as `(int4 - zero) * scale`, and `g_idx`
-    (float32, `(output_dim,)`) names the group of each column."""
+    values with a float32 scale and a zero point each, `(input_dim,
+    groups)`; a value reads back as `(int4 - zero) * scale`, and the forward
+    table's `g_idx` (float32, `(output_dim,)`) names the group of each
+    column."""
 
-    def __init__(self, layer, block_size):
-        super().__init__(layer)
+    def __init__(self, layer, block_size, placement=FORWARD):
+        super().__init__(layer, placement)
         self.block_size = block_size
 
     @property
     def description(self):
-        return f"an int4-quantized table in groups of {self.block_size}"
+        return (
+            f"an int4-quantized {self.placement.description}table in groups "
+            f"of {self.block_size}"
+        )
 
     @property
     def groups(self):
@@ -272,46 +510,83 @@ class GroupedInt4Table(Int4Table):
 
     def build(self):
         super().build()
-        layer = self.layer
-        layer.embeddings_zero = layer.add_weight(
-            name="embeddings_zero",
-            shape=self.scale_shape,
-            initializer="zeros",
-            dtype="int8",
-            trainable=False,
+        layer, place = self.layer, self.placement
+        place.set(
+            layer,
+            "zero",
+            layer.add_weight(
+                name=place.name("zero"),
+                shape=place.shape(self.scale_shape),
+                initializer="zeros",
+                dtype=place.zero_dtype,
+                trainable=False,
+            ),
         )
-        layer.g_idx = layer.add_weight(
-            name="g_idx",
-            shape=(layer.output_dim,),
-            initializer="zeros",
-            dtype="float32",
-            trainable=False,
-        )
-        layer.g_idx.assign(_quantization.group_index(layer.output_dim, self.block_size))
+        if place.has("g_idx"):
+            g_idx = layer.add_weight(
+                name=place.name("g_idx"),
+                shape=(layer.output_dim,),
+                initializer="zeros",
+                dtype="float32",
+                trainable=False,
+            )
+            g_idx.assign(_quantization.group_index(layer.output_dim, self.block_size))
+            place.set(layer, "g_idx", g_idx)
 
     def remove(self):
         super().remove()
-        del self.layer.embeddings_zero
-        del self.layer.g_idx
+        self.placement.delete(self.layer, "zero")
+        if self.placement.has("g_idx"):
+            self.placement.delete(self.layer, "g_idx")
 
-    def stored(self):
-        return [
-            *super().stored(),
-            ("embeddings_zero", self.layer.embeddings_zero),
-            ("g_idx", self.layer.g_idx),
-        ]
+    def project(self, hidden, dtype, inputs_quantizer=None):
+        """`hidden @ table^T` in `dtype`: each vocabulary chunk dequantized
+        to float32 and multiplied, then divided by the hidden states' scale
+        when Keras quantizes them (a layer built from an int4 dtype policy
+        alone)."""
+        place = self.placement
+        inputs_scale = None
+        if inputs_quantizer is not None:
+            hidden, inputs_scale = inputs_quantizer(hidden)
+        logits = _projection.chunked_logits(
+            ops.cast(hidden, "float32"),
+            self.rows_count,
+            self.layer.output_dim,
+            lambda start, stop: self._rows(
+                lambda variable: place.read(
+                    ops.convert_to_tensor(variable), start, stop
+                )
+            ),
+        )
+        logits = ops.cast(logits, dtype)
+        if inputs_scale is not None:
+            logits = ops.divide(logits, ops.cast(inputs_scale, dtype))
+        return logits
+
+    def _roles(self):
+        roles = ("embeddings", "scale", "zero", "g_idx")
+        return roles if self.placement.has("g_idx") else roles[:3]
 
     def check_stored(self, arrays):
-        layer = self.layer
-        _quantization.check_group_index(
-            layer.name, arrays[3], layer.output_dim, self.block_size
-        )
+        if self.placement.has("g_idx"):
+            layer = self.layer
+            _quantization.check_group_index(
+                layer.name, arrays[3], layer.output_dim, self.block_size
+            )
 
-    def _dequantize(self, values, scale, index):
+    def _rows(self, read):
+        place = self.placement
+        values = self._unpacked(read(place.get(self.layer, "embeddings")))
+        scale = read(place.get(self.layer, "scale"))
+        # The zero points lie in [-8, 7]: int8 holds them exactly (the
+        # reverse table stores them as float32, as Keras does).
+        zero = ops.cast(read(place.get(self.layer, "zero")), "int8")
+        return self._dequantize_groups(values, scale, zero)
+
+    def _dequantize_groups(self, values, scale, zero):
         """`(values - zero) * scale`, each column with its group's zero and
         scale. The zero point is subtracted in int8 (values and zero points
         both lie in [-8, 7]), before the one cast to float32."""
-        zero = ops.take(self.layer.embeddings_zero, index, axis=0)
         output_dim, block_size, groups = (
             self.layer.output_dim,
             self.block_size,
@@ -337,14 +612,14 @@ class GroupedInt4Table(Int4Table):
         )
 
 
-def quantized_table(layer, mode, config):
+def quantized_table(layer, mode, config, placement=FORWARD):
     """The format that `mode` and `config` describe (an int4 config's
     `block_size`; without one, what the layer's policy names)."""
     if mode == "int8":
-        return Int8Table(layer)
+        return Int8Table(layer, placement)
     if not isinstance(config, keras.quantizers.Int4QuantizationConfig):
         config = layer._default_config(mode)
     block_size = _quantization.block_size_of(config)
     if block_size is None:
-        return Int4Table(layer)
-    return GroupedInt4Table(layer, block_size)
+        return Int4Table(layer, placement)
+    return GroupedInt4Table(layer, block_size, placement)

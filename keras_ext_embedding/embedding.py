@@ -190,7 +190,8 @@ class Embedding(keras.layers.Layer):
                 config=self.quantization_config,
             )
         else:
-            self._table.build()
+            for table in self._tables():
+                table.build()
         self.built = True
         if self.lora_rank:
             self.enable_lora(self.lora_rank, lora_alpha=self.lora_alpha)
@@ -206,6 +207,17 @@ class Embedding(keras.layers.Layer):
         if not self.built:
             raise AttributeError(UNBUILT_EMBEDDINGS)
         return self._table.embeddings(self._adapters)
+
+    @property
+    def lora_kernel_a(self):
+        """`lora_embeddings_a` under the name keras-hub's
+        `Backbone.save_lora_weights` and `load_lora_weights` read."""
+        return self.lora_embeddings_a
+
+    @property
+    def lora_kernel_b(self):
+        """`lora_embeddings_b` under the name keras-hub reads."""
+        return self.lora_embeddings_b
 
     def __getattr__(self, name):
         # Reached when the `embeddings` property raised AttributeError. On
@@ -348,7 +360,8 @@ class Embedding(keras.layers.Layer):
         self._tracker.unlock()
         self._adapters = _lora.LoraAdapters(self, a_initializer)
         self._adapters.build(b_initializer)
-        self._embeddings.trainable = False
+        for table in self._tables():
+            table.freeze()
         self._tracker.lock()
         self.lora_enabled = True
 
@@ -393,7 +406,8 @@ class Embedding(keras.layers.Layer):
         self._adapters.remove()
         self._tracker.lock()
         self._adapters = None
-        self._embeddings.trainable = self._table.trainable
+        for table in self._tables():
+            table.unfreeze()
         self.lora_enabled = False
         self.lora_rank = None
         self.lora_alpha = None
@@ -443,24 +457,31 @@ class Embedding(keras.layers.Layer):
             # block size (none: one scale per row) is what a reload builds.
             config = self._default_config(mode)
         config = config or self._default_config(mode)
-        table = ops.convert_to_numpy(self._table.float_table())
-        arrays = _quantization.quantize_table(table, mode, config, self.name)
-        del table
+        arrays = [
+            _quantization.quantize_table(
+                ops.convert_to_numpy(table.float_table()), mode, config, self.name
+            )
+            for table in self._tables()
+        ]
         self.quantization_config = config
-        float_table = self._embeddings
-        self._table.remove()
+        float_variables = [table.variable for table in self._tables()]
+        for table in self._tables():
+            table.remove()
         self.quantized_build((self.input_dim, self.output_dim), mode, config)
-        self._table.assign_quantized(arrays)
+        for table, table_arrays in zip(self._tables(), arrays, strict=True):
+            table.assign_quantized(table_arrays)
         if keras.config.backend() == "tensorflow":
             # A TensorFlow function traced before this call (Keras's predict
-            # or evaluate function) keeps reading the float variable it
-            # captured. Holding the dequantized table, it gives the quantized
-            # rows, bit for bit, until the model retraces (`Model.quantize`
-            # and `compile` make it) and the variable is freed. Lookups pay
-            # nothing for it. JAX's trainer passes the current variables to
-            # its jitted functions and PyTorch's runs eagerly: nothing there
-            # reads the old variable, so they skip the full-table write.
-            float_table.assign(ops.cast(self._table.float_table(), float_table.dtype))
+            # or evaluate function) keeps reading the float variables it
+            # captured. Holding the dequantized tables, it gives the
+            # quantized rows, bit for bit, until the model retraces
+            # (`Model.quantize` and `compile` make it) and the variables are
+            # freed. Lookups pay nothing for it. JAX's trainer passes the
+            # current variables to its jitted functions and PyTorch's runs
+            # eagerly: nothing there reads the old variables, so they skip the
+            # full-table write.
+            for variable, table in zip(float_variables, self._tables(), strict=True):
+                variable.assign(ops.cast(table.stored_float(), variable.dtype))
         if self.dtype_policy.quantization_mode is None:
             policy_name = mode
             if mode == "int4":
@@ -489,7 +510,9 @@ class Embedding(keras.layers.Layer):
     def save_own_variables(self, store):
         if not self.built:
             return
-        entries = [variable for _, variable in self._table.stored()]
+        entries = [
+            variable for table in self._tables() for _, variable in table.stored()
+        ]
         if self._adapters is not None:
             entries += self._adapters.stored()
         for index, entry in enumerate(entries):
@@ -507,15 +530,25 @@ class Embedding(keras.layers.Layer):
             return
         # Everything is checked before anything is assigned: a refused
         # checkpoint leaves the layer as it was.
-        table = self._table
-        stored = table.stored()
+        tables = self._tables()
+        stored = [pair for table in tables for pair in table.stored()]
         entries = _checkpoint.read_entries(
-            store, self.name, stored, table.description, table.shape_hint
+            store,
+            self.name,
+            stored,
+            " and ".join(table.description for table in tables),
+            self._table.shape_hint,
         )
-        base, lora = entries[: len(stored)], entries[len(stored) :]
-        table.check_stored(base)
+        bases, start = [], 0
+        for table in tables:
+            count = len(table.stored())
+            bases.append(entries[start : start + count])
+            start += count
+            table.check_stored(bases[-1])
+        lora = entries[start:]
         if not lora:
-            table.assign_stored(base)
+            for table, base in zip(tables, bases, strict=True):
+                table.assign_stored(base)
             if self._adapters is not None:
                 self._adapters.reset()
             return
@@ -536,7 +569,11 @@ class Embedding(keras.layers.Layer):
             "The checkpoint belongs to a layer of another output_dim.",
         )
         if self._adapters is None:
-            table.assign_merged(base, lora_a, lora_b, lora_alpha)
+            # The adapters belong to the lookup's table; a reverse table is
+            # loaded as it is.
+            tables[0].assign_merged(bases[0], lora_a, lora_b, lora_alpha)
+            for table, base in zip(tables[1:], bases[1:], strict=True):
+                table.assign_stored(base)
             return
         if rank != self.lora_rank or lora_alpha != self.lora_alpha:
             raise ValueError(
@@ -546,7 +583,8 @@ class Embedding(keras.layers.Layer):
                 "the layer with the checkpoint's `lora_rank` and `lora_alpha`, "
                 "or load it into a layer without LoRA to get the merged table."
             )
-        table.assign_stored(base)
+        for table, base in zip(tables, bases, strict=True):
+            table.assign_stored(base)
         self.lora_embeddings_a.assign(lora_a)
         self.lora_embeddings_b.assign(lora_b)
 
@@ -591,6 +629,10 @@ class Embedding(keras.layers.Layer):
                 quantization_config
             )
         return super().from_config(config)
+
+    def _tables(self):
+        """The layer's tables, in checkpoint order: the lookup's table."""
+        return [self._table]
 
     def _lookup(self, ids):
         dtype = _ids.check_ids_dtype(ids.dtype, self.input_dim, self.name)

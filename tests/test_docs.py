@@ -29,6 +29,7 @@ PAGES = [ROOT / "README.md", DOCS / "index.md", *sorted((DOCS / "guides").glob("
 PUBLIC = [
     keras_ext_embedding.Embedding,
     keras_ext_embedding.InvalidIdError,
+    keras_ext_embedding.ReversibleEmbedding,
     keras_ext_embedding.replace_embeddings,
     keras_ext_embedding.shard_embeddings,
 ]

@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 from keras import ops
 
-from keras_ext_embedding import Embedding, InvalidIdError, replace_embeddings
+from keras_ext_embedding import (
+    Embedding,
+    InvalidIdError,
+    ReversibleEmbedding,
+    replace_embeddings,
+)
 
 VOCAB, DIM = 40, 6
 IDS = np.array([[1, 2, 3, 0], [7, 7, 39, 4]], dtype="int32")
@@ -243,13 +248,36 @@ def test_overrides_apply_to_every_replacement():
         strict(np.array([[1, VOCAB]], dtype="int32"))
 
 
-def test_subclasses_of_keras_embedding_are_left_alone():
+def test_subclasses_that_change_keras_embedding_are_left_alone():
     class Custom(keras.layers.Embedding):
-        pass
+        def call(self, inputs):
+            return super().call(inputs) * 2
 
     model = keras.Sequential([keras.Input((2,), dtype="int32"), Custom(VOCAB, DIM)])
     upgraded = replace_embeddings(model)
     assert type(upgraded.layers[0]) is Custom
+
+
+def test_empty_subclasses_are_replaced_like_keras_layers(rng):
+    # keras-hub's `keras_hub.layers.ReversibleEmbedding` is such a subclass.
+    class Empty(keras.layers.ReversibleEmbedding):
+        pass
+
+    class EmptierStill(Empty):
+        """Only a docstring."""
+
+    inputs = keras.Input((4,), dtype="int32")
+    tokens = EmptierStill(VOCAB, DIM, name="tokens")
+    model = keras.Model(inputs, tokens(tokens(inputs), reverse=True))
+    ids = rng.integers(0, VOCAB, size=(2, 4)).astype("int32")
+    upgraded = replace_embeddings(model)
+    assert type(upgraded.get_layer("tokens")) is ReversibleEmbedding
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(upgraded(ids)),
+        ops.convert_to_numpy(model(ids)),
+        rtol=1e-6,
+        atol=1e-7,
+    )
 
 
 def test_errors():

@@ -7,7 +7,10 @@
 
 Each model is `Input -> Embedding -> output`, so what is compared is the rows
 and the mask the layer gives, with nothing after it to round differently per
-backend. Outputs are written as float32 (exact for bfloat16 rows).
+backend. The `reversible_*` cases are `Input -> ReversibleEmbedding ->
+the same layer with reverse=True`: their output is the logits of the
+looked-up rows, which read both tables. Outputs are written as float32
+(exact for bfloat16 rows).
 """
 
 import json
@@ -21,7 +24,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_ext_embedding import Embedding
+from keras_ext_embedding import Embedding, ReversibleEmbedding
 
 BACKEND = keras.config.backend()
 VOCAB, DIM = 50, 12
@@ -35,6 +38,11 @@ CASES = {
     "int8": ({}, ("int8", None), None),
     "int4": ({"mask_zero": True}, ("int4", 4), None),
     "int4_lora": ({}, ("int4", None), 2),
+    "reversible_untied": ({"tie_weights": False, "logit_soft_cap": 5.0}, None, None),
+    "reversible_lora": ({}, None, 2),
+    "reversible_int8_untied": ({"tie_weights": False}, ("int8", None), None),
+    "reversible_int4_untied": ({"tie_weights": False}, ("int4", 4), None),
+    "reversible_int4_lora": ({}, ("int4", None), 2),
 }
 
 
@@ -49,7 +57,11 @@ def make_model(case, quantized_policy=None):
         kwargs["lora_rank"] = lora_rank
         kwargs["lora_alpha"] = 2.0 * lora_rank
     inputs = keras.Input((None,), dtype="int32")
-    outputs = Embedding(VOCAB, DIM, name="tokens", **kwargs)(inputs)
+    if case.startswith("reversible"):
+        layer = ReversibleEmbedding(VOCAB, DIM, name="tokens", **kwargs)
+        outputs = layer(layer(inputs), reverse=True)
+    else:
+        outputs = Embedding(VOCAB, DIM, name="tokens", **kwargs)(inputs)
     return keras.Model(inputs, outputs)
 
 
@@ -60,6 +72,8 @@ def saved_model(case):
     layer = model.get_layer("tokens")
     rng = np.random.default_rng(sorted(CASES).index(case))
     layer.embeddings.assign(rng.normal(size=(VOCAB, DIM)).astype("float32"))
+    if getattr(layer, "tie_weights", True) is False:
+        layer.reverse_embeddings.assign(rng.normal(size=(DIM, VOCAB)).astype("float32"))
     if quantization:
         mode, block_size = quantization
         config = None

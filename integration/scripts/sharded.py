@@ -3,11 +3,14 @@
     XLA_FLAGS=--xla_force_host_platform_device_count=8 \\
         KERAS_BACKEND=jax python sharded.py OUT.json
 
-For each case (a float table, the table with LoRA, an int8 table with LoRA),
+For each case (a float table, the table with LoRA, an int8 table with LoRA,
+and a language-model head: a `ReversibleEmbedding` whose logits are the
+model's output, untied and tied with LoRA),
 the same model from the same initial weights takes the same SGD steps three
 times: on one device, under `DataParallel` over 8 devices, and under
 `ModelParallel` on a (2, 4) mesh whose "model" axis shards the table and
-LoRA's `A` by rows (`keras_ext_embedding.shard_embeddings`). Writes the
+LoRA's `A` by rows, and an untied `reverse_embeddings` by vocabulary columns
+(`keras_ext_embedding.shard_embeddings`). Writes the
 largest differences of the final weights and predictions from the
 single-device run, which variables trained, how each table variable was laid
 out, and the row a traced lookup gives an invalid id.
@@ -23,20 +26,23 @@ import jax
 import keras
 import numpy as np
 
-from keras_ext_embedding import Embedding, shard_embeddings
+from keras_ext_embedding import Embedding, ReversibleEmbedding, shard_embeddings
 
 VOCAB, DIM, LENGTH, BATCH, STEPS = 64, 16, 6, 16, 4
 CASES = {
     "float": {},
     "lora": {"lora_rank": 4},
     "int8_lora": {"quantize": "int8", "lora_rank": 4},
+    "reversible_untied": {"reversible": True, "tie_weights": False},
+    "reversible_lora": {"reversible": True, "lora_rank": 4},
 }
 
 
-def data():
+def data(case):
     rng = np.random.default_rng(0)
     ids = rng.integers(0, VOCAB, size=(STEPS * BATCH, LENGTH)).astype("int32")
-    targets = rng.normal(size=(STEPS * BATCH, 4)).astype("float32")
+    width = VOCAB if CASES[case].get("reversible") else 4
+    targets = rng.normal(size=(STEPS * BATCH, width)).astype("float32")
     return ids, targets
 
 
@@ -45,9 +51,16 @@ def make_model(case):
     mode = kwargs.pop("quantize", None)
     lora_rank = kwargs.pop("lora_rank", None)
     inputs = keras.Input((LENGTH,), dtype="int32")
-    layer = Embedding(VOCAB, DIM, name="tokens")
-    x = keras.layers.GlobalAveragePooling1D()(layer(inputs))
-    model = keras.Model(inputs, keras.layers.Dense(4, name="head")(x))
+    if kwargs.pop("reversible", False):
+        # The logits of the last position, projected by the same layer.
+        layer = ReversibleEmbedding(VOCAB, DIM, name="tokens", **kwargs)
+        x = keras.layers.Dense(DIM, name="hidden")(layer(inputs))
+        outputs = layer(x[:, -1], reverse=True)
+    else:
+        layer = Embedding(VOCAB, DIM, name="tokens")
+        x = keras.layers.GlobalAveragePooling1D()(layer(inputs))
+        outputs = keras.layers.Dense(4, name="head")(x)
+    model = keras.Model(inputs, outputs)
     rng = np.random.default_rng(1)
     for variable in model.weights:
         variable.assign(rng.normal(scale=0.3, size=variable.shape).astype("float32"))
@@ -72,7 +85,7 @@ def run(case, distribution):
         initial = {
             v.path: np.asarray(keras.ops.convert_to_numpy(v)) for v in model.weights
         }
-        ids, targets = data()
+        ids, targets = data(case)
         model.fit(ids, targets, batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
         weights = {
             v.path: np.asarray(keras.ops.convert_to_numpy(v)) for v in model.weights

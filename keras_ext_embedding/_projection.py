@@ -1,0 +1,77 @@
+"""The projection of hidden states onto a whole table, in vocabulary chunks.
+
+A `ReversibleEmbedding`'s logits are `h @ table^T`: every row of the table is
+read once. A quantized table is widened to float32 for the product one chunk
+of rows at a time, so the float copy that exists at any moment is one chunk
+(`CHUNK_BYTES`), never the `input_dim x output_dim` table that Keras builds
+on every int8/int4 call. The chunks are a Python loop of static slices: the
+same program eagerly and under a trace (XLA fuses each slice with its
+widening and its product), at most `MAX_CHUNKS` of them so that a traced
+program stays small.
+
+With quantized hidden states (Keras's int8 reverse path), the product of
+integers is computed exactly in float32 GEMMs: every partial sum of products
+of int8 values over at most `exact_width` columns stays below 2**24, where
+float32 holds every integer. Wider tables are cut along the hidden axis and
+their exact partial products summed as int32. The logits are then Keras's
+integer logits bit for bit.
+"""
+
+import math
+
+from keras import ops
+
+CHUNK_BYTES = 4 * 2**20  # of float32 values widened at a time
+MAX_CHUNKS = 64
+FLOAT32_EXACT = 2**24
+INT8_BOUND = 128  # the largest magnitude of quantized hidden states
+
+
+def chunk_bounds(rows, width):
+    """`(start, stop)` of the vocabulary chunks of a `rows x width` table."""
+    per_chunk = max(CHUNK_BYTES // (4 * width), math.ceil(rows / MAX_CHUNKS), 1)
+    return [
+        (start, min(start + per_chunk, rows)) for start in range(0, rows, per_chunk)
+    ]
+
+
+def chunked_logits(hidden, rows, width, kernel):
+    """`hidden @ table^T`, `(..., width) -> (..., rows)`, where
+    `kernel(start, stop)` gives rows `[start, stop)` of the table, rows first,
+    in the dtype of `hidden`."""
+    parts = [
+        ops.einsum("...d,vd->...v", hidden, kernel(start, stop))
+        for start, stop in chunk_bounds(rows, width)
+    ]
+    return parts[0] if len(parts) == 1 else ops.concatenate(parts, axis=-1)
+
+
+def exact_width(value_bound):
+    """The most columns whose products of int8 hidden states and table values
+    of magnitude `value_bound` sum exactly in float32."""
+    return FLOAT32_EXACT // (INT8_BOUND * value_bound)
+
+
+def exact_logits(hidden, rows, width, kernel, value_bound):
+    """`chunked_logits` of integer-valued float32 `hidden` and table values of
+    magnitude at most `value_bound`, exactly: each logit the exact integer
+    product, as float32 (or int32 where the table was cut along the hidden
+    axis: a sum of partial products may exceed 2**24)."""
+    step = exact_width(value_bound)
+    if width <= step:
+        return chunked_logits(hidden, rows, width, kernel)
+    slices = [(start, min(start + step, width)) for start in range(0, width, step)]
+
+    def exact_kernel(start, stop):
+        table = kernel(start, stop)
+        total = None
+        for low, high in slices:
+            part = ops.einsum(
+                "...d,vd->...v", hidden[..., low:high], table[:, low:high]
+            )
+            part = ops.cast(part, "int32")
+            total = part if total is None else ops.add(total, part)
+        return total
+
+    parts = [exact_kernel(start, stop) for start, stop in chunk_bounds(rows, width)]
+    return parts[0] if len(parts) == 1 else ops.concatenate(parts, axis=-1)
