@@ -41,6 +41,24 @@ def test_artifact_gives_the_keras_model_outputs(exported, backend, fmt, mode):
     )
 
 
+@pytest.mark.parametrize("head", ["lm_float", "lm_int8_untied", "lm_int4_lora"])
+@pytest.mark.parametrize(("backend", "fmt"), ARTIFACTS)
+def test_language_model_head_artifact_gives_the_keras_logits(
+    exported, backend, fmt, head
+):
+    """A ReversibleEmbedding's reverse projection (float with a soft cap,
+    int8's chunked integer product, int4 with LoRA) exports and serves."""
+    root, served = exported
+    logits = served[f"{backend}/{head}/{fmt}"]
+    assert not isinstance(logits, dict), logits  # no runtime error
+    np.testing.assert_allclose(
+        np.asarray(logits),
+        np.load(root / backend / f"{head}_keras.npy"),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+
+
 @pytest.mark.parametrize(("backend", "fmt"), ARTIFACTS)
 def test_invalid_ids_in_an_artifact_give_zero_rows(exported, backend, fmt):
     """A graph cannot raise: invalid ids get zero rows, as in a traced call,

@@ -147,18 +147,21 @@ def unpack_int4(packed, output_dim, dtype="int8"):
     """Unpacks the last axis of packed int4 bytes into values in [-8, 7].
 
     The values of `keras.quantizers.unpack_int4(packed, output_dim, axis=-1)`
-    in a few integer ops instead of Keras's masks, two transposes and sign
-    fix-ups: a lookup runs this on every call, a projection on every chunk.
-    The bytes are widened to int32 first (PyTorch's int8 shifts run an order
-    of magnitude slower on CPU than its int32 ones). Right shifts are
-    arithmetic (they keep the sign): `byte >> 4` is the high nibble as a
-    signed value, and `(byte << 28) >> 28` the low one (the left shift drops
-    every bit above the low nibble). Returns `dtype` values (int8, or float32
-    for a product).
+    in a few elementwise ops instead of Keras's masks, two transposes and
+    sign fix-ups: a lookup runs this on every call, a projection on every
+    chunk. A byte holds `16 * high + (low mod 16)` for its signed nibbles, so
+    `high = floor(byte / 16)`, and `low` is the remainder, less 16 from 8 up.
+    In float32, which holds these integers exactly, because every exporter
+    translates its ops faithfully: ONNX has no signed right shift (PyTorch's
+    export turns one into a division that rounds toward zero), jax2onnx
+    cannot lower an integer floor division over a symbolic batch size, and
+    PyTorch's int8 shifts run an order of magnitude slower on CPU than its
+    float32 ops. Returns `dtype` values (int8, or float32 for a product).
     """
-    wide = ops.cast(packed, "int32")
-    low = ops.right_shift(ops.left_shift(wide, 28), 28)
-    high = ops.right_shift(wide, 4)
+    wide = ops.cast(packed, "float32")
+    high = ops.floor(ops.multiply(wide, 1 / 16))
+    low = ops.subtract(wide, ops.multiply(high, 16.0))
+    low = ops.where(ops.greater_equal(low, 8.0), ops.subtract(low, 16.0), low)
     pairs = ops.stack([low, high], axis=-1)
     values = ops.reshape(pairs, (*leading_shape(packed), 2 * packed.shape[-1]))
     if 2 * packed.shape[-1] != output_dim:

@@ -24,6 +24,9 @@ EMPTY_CLASS_ATTRIBUTES = {
     "__firstlineno__",
     "__static_attributes__",
     "__annotations__",
+    # Set by keras-hub's export decorator on `keras_hub.layers` classes.
+    "_api_export_path",
+    "_api_export_symbol_id",
 }
 
 
@@ -205,8 +208,13 @@ def _replace_in_place(model, overrides):
                         value[key] = replacement_for(owner, item)
     for old, new in replacements.values():
         _take_over_nodes(old, new)
-    # Functions traced before the replacement still hold the old layers.
+    # Functions traced before the replacement still hold the old layers:
+    # Keras's, and keras-hub's `CausalLM.generate_function` (cleared as its
+    # own `quantize` does), in the model and in the tasks it holds.
     model.train_function = model.test_function = model.predict_function = None
+    for owner in model._flatten_layers(include_self=True):
+        if getattr(owner, "generate_function", None) is not None:
+            owner.generate_function = None
 
 
 def _take_over_nodes(old, new):

@@ -341,7 +341,16 @@ class _QuantizedTable(_Table):
         return "float32"  # rows are dequantized in float32
 
     def rows(self, index):
-        return self._rows(lambda variable: ops.take(variable, index, axis=0))
+        # A per-row scale is gathered as a column, `(input_dim, 1)`: Keras's
+        # PyTorch `take` flattens the ids to gather from a 1-D tensor, an op
+        # (`aten::ravel`) that PyTorch's ONNX export refuses.
+        return self._rows(
+            lambda variable: ops.take(
+                variable if len(variable.shape) > 1 else ops.expand_dims(variable, -1),
+                index,
+                axis=0,
+            )
+        )
 
     def project(self, hidden, dtype, inputs_quantizer=None):
         """`hidden @ table^T` in `dtype`, with Keras's numerics.
@@ -452,7 +461,9 @@ class _QuantizedTable(_Table):
         # TensorFlow's approximate Reciprocal op in a graph. `values * 0.5` is
         # also the cast to float32.
         halves = ops.multiply(values, 0.5)
-        return ops.multiply(halves, ops.expand_dims(ops.divide(2.0, scale), -1))
+        if len(scale.shape) < len(values.shape):
+            scale = ops.expand_dims(scale, -1)
+        return ops.multiply(halves, ops.divide(2.0, scale))
 
 
 class Int8Table(_QuantizedTable):

@@ -7,7 +7,10 @@
 
 Artifacts: a TensorFlow SavedModel (`model.export(format="tf_saved_model")`)
 from TensorFlow and JAX, and ONNX (`format="onnx"`) from all three backends,
-each for a layer with `invalid_ids="raise"` and one with `"zeros"`.
+each for a layer with `invalid_ids="raise"` and one with `"zeros"`, and for
+language-model heads: a `ReversibleEmbedding` whose reverse projection gives
+the model's logits (float tied with a soft cap, int8 untied, int4 grouped
+with LoRA).
 The exporting process writes the Keras model's own outputs beside them.
 """
 
@@ -31,6 +34,47 @@ FORMATS = {
     "torch": ("onnx",),
 }
 MODES = ("raise", "zeros")
+# name: (constructor arguments, quantization mode and int4 block size, LoRA rank)
+LM_HEADS = {
+    "lm_float": ({"logit_soft_cap": 3.0}, None, None),
+    "lm_int8_untied": ({"tie_weights": False}, ("int8", None), None),
+    "lm_int4_lora": ({}, ("int4", 4), 2),
+}
+
+
+def lm_head(name):
+    """ids -> ReversibleEmbedding -> Dense -> the same layer, reverse=True."""
+    import keras
+
+    from keras_ext_embedding import ReversibleEmbedding
+
+    kwargs, quantization, lora_rank = LM_HEADS[name]
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((IDS.shape[1],), dtype="int32", name="ids")
+    layer = ReversibleEmbedding(
+        VOCAB, DIM, invalid_ids="zeros", name="tokens", **kwargs
+    )
+    hidden = keras.layers.Dense(DIM, name="hidden")(layer(inputs))
+    model = keras.Model(inputs, layer(hidden, reverse=True))
+    if quantization:
+        mode, block_size = quantization
+        config = None
+        if mode == "int4":
+            config = keras.quantizers.Int4QuantizationConfig(block_size=block_size)
+        layer.quantize(mode, config=config)
+    if lora_rank:
+        layer.enable_lora(lora_rank)
+        rng = np.random.default_rng(0)
+        layer.lora_embeddings_b.assign(
+            rng.normal(size=(lora_rank, DIM)).astype("float32")
+        )
+        # Rebuilt from its config, the layer creates its adapters when it is
+        # built: PyTorch's ONNX export cannot trace variables added to a
+        # built Keras layer (Keras's own Embedding fails there alike).
+        clone = keras.models.clone_model(model)
+        clone.set_weights(model.get_weights())
+        model = clone
+    return model
 
 
 def export(root):
@@ -56,6 +100,13 @@ def export(root):
         for fmt in FORMATS[backend]:
             suffix = ".onnx" if fmt == "onnx" else ""
             model.export(str(out / f"{mode}_{fmt}{suffix}"), format=fmt, verbose=False)
+    for name in LM_HEADS:
+        model = lm_head(name)
+        np.save(out / f"{name}_keras.npy", model.predict(IDS, verbose=0))
+        model(IDS)
+        for fmt in FORMATS[backend]:
+            suffix = ".onnx" if fmt == "onnx" else ""
+            model.export(str(out / f"{name}_{fmt}{suffix}"), format=fmt, verbose=False)
 
 
 def run_artifact(path, ids):
@@ -87,6 +138,11 @@ def serve(root, *backends):
                     "ids": run_artifact(path, IDS),
                     "bad": run_artifact(path, BAD),
                 }
+        for name in LM_HEADS:
+            for fmt in FORMATS[backend]:
+                suffix = ".onnx" if fmt == "onnx" else ""
+                path = root / backend / f"{name}_{fmt}{suffix}"
+                report[f"{backend}/{name}/{fmt}"] = run_artifact(path, IDS)
     (root / "served.json").write_text(json.dumps(report))
 
 
