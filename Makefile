@@ -15,11 +15,14 @@ TORCH_INDEX_URL ?=
 setup: $(STAMP)
 
 # Rebuilt only when the project's requirements change; later calls reuse .venv.
-$(STAMP): pyproject.toml requirements-dev.txt
+# requirements-keras-hub.txt goes in with --no-deps: keras-hub requires
+# tensorflow-text, which would pull full tensorflow next to tensorflow-cpu.
+$(STAMP): pyproject.toml requirements-dev.txt requirements-keras-hub.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0 $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
 	$(PY) -m pip install --quiet -r requirements-dev.txt
+	$(PY) -m pip install --quiet --no-deps -r requirements-keras-hub.txt
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
@@ -51,6 +54,7 @@ integration: setup
 
 demo: setup
 	$(PY) examples/quickstart.py
+	$(PY) examples/language_model.py
 	$(PY) examples/movielens.py
 	$(PY) examples/tweets.py
 

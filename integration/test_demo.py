@@ -8,6 +8,7 @@ from processes import BACKENDS, ROOT, run_under
 QUICKSTART = ROOT / "examples" / "quickstart.py"
 MOVIELENS = ROOT / "examples" / "movielens.py"
 TWEETS = ROOT / "examples" / "tweets.py"
+LANGUAGE_MODEL = ROOT / "examples" / "language_model.py"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -28,6 +29,33 @@ def test_quickstart_runs(backend):
     )
     assert 1e-3 < float(int4) < 0.05
     assert "int4 model saved and reloaded: max abs difference 0.0\n" in output
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_language_model_example(backend):
+    output = run_under(backend, LANGUAGE_MODEL, timeout=300)
+    assert f"backend: {backend}" in output
+    assert "ids (None, 12) -> logits (None, 12, 500)" in output
+    (losses,) = re.findall(r"^next-token loss per epoch: \[(.*)\]$", output, re.M)
+    losses = [float(loss) for loss in losses.split(", ")]
+    assert losses[-1] < losses[0] - 1.0
+    assert "int8 logits, ours vs Keras's: max abs difference 0.0\n" in output
+    (int8,) = re.findall(
+        r"int8 logits vs float logits: max abs difference (\S+)$", output, re.M
+    )
+    assert 1e-3 < float(int8) < 0.2  # the int8 table really runs
+    assert "token embedding: keras_ext_embedding.reversible_embedding" in output
+    (diff,) = re.findall(
+        r"logits, Keras's layers vs ours: max abs difference (\S+)$", output, re.M
+    )
+    assert float(diff) < 1e-5
+    assert "same tokens as before: True" in output
+    assert "trainable: ['lora_embeddings_a', 'lora_embeddings_b']" in output
+    (lora,) = re.findall(r"^LoRA fine-tuning loss per epoch: \[(.*)\]$", output, re.M)
+    lora = [float(loss) for loss in lora.split(", ")]
+    assert lora[-1] < lora[0]
+    assert "token table unchanged by training: True" in output
+    assert "token embedding dtype policy: int8_from_float32" in output
 
 
 def rmse_of(output, row):

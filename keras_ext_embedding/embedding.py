@@ -174,11 +174,7 @@ class Embedding(keras.layers.Layer):
 
         if weights is not None:
             self.build()
-            if isinstance(weights, (list, tuple)) and len(weights) == 1:
-                weights = weights[0]
-            weights = np.asarray(weights)
-            self._check_table_shape(weights, "`weights`")
-            self._table.assign_float(weights)
+            self._assign_weights(weights)
 
     def build(self, input_shape=None):
         if self.built:
@@ -536,7 +532,7 @@ class Embedding(keras.layers.Layer):
             store,
             self.name,
             stored,
-            " and ".join(table.description for table in tables),
+            self._tables_description(),
             self._table.shape_hint,
         )
         bases, start = [], 0
@@ -633,6 +629,19 @@ class Embedding(keras.layers.Layer):
     def _tables(self):
         """The layer's tables, in checkpoint order: the lookup's table."""
         return [self._table]
+
+    def _tables_description(self):
+        """What the layer holds, for error messages."""
+        return self._table.description
+
+    def _assign_weights(self, weights):
+        """Sets the table from the constructor's `weights` (the table, or a
+        list holding it)."""
+        if isinstance(weights, (list, tuple)) and len(weights) == 1:
+            weights = weights[0]
+        weights = np.asarray(weights)
+        self._check_table_shape(weights, "`weights`")
+        self._table.assign_float(weights)
 
     def _lookup(self, ids):
         dtype = _ids.check_ids_dtype(ids.dtype, self.input_dim, self.name)

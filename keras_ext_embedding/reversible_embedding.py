@@ -1,7 +1,8 @@
 import keras
+import numpy as np
 from keras import ops
 
-from keras_ext_embedding import _tables
+from keras_ext_embedding import _checkpoint, _tables
 from keras_ext_embedding.embedding import Embedding
 
 
@@ -73,9 +74,10 @@ class ReversibleEmbedding(Embedding):
             `tanh(logits / logit_soft_cap) * logit_soft_cap`. This narrows the
             range of output logits and can improve training.
         **kwargs: The other arguments of `keras_ext_embedding.Embedding`:
-            `weights`, `lora_rank`, `lora_alpha`, `quantization_config`,
-            `invalid_ids`, and base layer keyword arguments such as `name`,
-            `dtype` and `trainable`.
+            `weights` (the table; with `tie_weights=False` also
+            `[embeddings, reverse_embeddings]`), `lora_rank`, `lora_alpha`,
+            `quantization_config`, `invalid_ids`, and base layer keyword
+            arguments such as `name`, `dtype` and `trainable`.
 
     Call arguments:
         inputs: Token ids (as for `Embedding`), or with `reverse=True` float
@@ -254,6 +256,43 @@ class ReversibleEmbedding(Embedding):
         if self._reverse_table is None:
             return [self._table]
         return [self._table, self._reverse_table]
+
+    def _tables_description(self):
+        if self._reverse_table is None:
+            return f"{self._table.description} (tie_weights=True)"
+        return (
+            f"{self._table.description} and {self._reverse_table.description} "
+            "(tie_weights=False)"
+        )
+
+    def _assign_weights(self, weights):
+        """`weights` is the table, or with untied weights also a list of the
+        table and `reverse_embeddings` `(output_dim, input_dim)`."""
+        pair = (
+            isinstance(weights, (list, tuple))
+            and len(weights) == 2
+            and all(np.ndim(array) == 2 for array in weights)
+        )
+        if not pair:
+            super()._assign_weights(weights)
+            return
+        if self._reverse_table is None:
+            raise ValueError(
+                f"Layer '{self.name}' has tied weights: `weights` is its one "
+                "table, of shape (input_dim, output_dim), but it received two "
+                "arrays. Pass the table alone, or `tie_weights=False` with "
+                "[embeddings, reverse_embeddings]."
+            )
+        table, reverse = (np.asarray(array) for array in weights)
+        super()._assign_weights(table)
+        _checkpoint.check_shape(
+            self.name,
+            "`weights[1]` (reverse_embeddings)",
+            reverse,
+            (self.output_dim, self.input_dim),
+            "Pass reverse_embeddings as Keras stores it, (output_dim, input_dim).",
+        )
+        self._reverse_table.assign_stored([reverse])
 
     def _project(self, hidden):
         self._check_hidden_dtype(hidden.dtype)

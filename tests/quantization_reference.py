@@ -63,3 +63,34 @@ def step_sizes(layer):
             1.0 / scale[:, None], (layer.input_dim, layer.output_dim)
         )
     return scale[:, raw(layer.g_idx).astype("int64")]
+
+
+def dequantized_reverse_table(layer):
+    """An untied layer's quantized `reverse_embeddings` read back to float64,
+    `(output_dim, input_dim)`: int4 packed along axis 0, one scale per
+    vocabulary column, or per group of rows (the groups of `g_idx`) and
+    column, with a float zero point."""
+    values = raw(layer.reverse_embeddings)
+    scale = raw(layer.reverse_embeddings_scale).astype("float64")
+    if layer.quantization_mode == "int4":
+        # Packed along axis 0 is packed along the last axis of the transpose.
+        values = unpack_int4(values.T, layer.output_dim).T
+    values = values.astype("float64")
+    if scale.ndim == 1:
+        return values / scale[None, :]
+    groups = raw(layer.g_idx).astype("int64")
+    zero = raw(layer.reverse_embeddings_zero).astype("float64")
+    return (values - zero[groups, :]) * scale[groups, :]
+
+
+def absmax_dequantized(x, value_range=(-127, 127), epsilon=1e-7):
+    """`x` through Keras's `AbsMaxQuantizer(axis=-1)` and back, as float64.
+
+    The scale and the rounding are computed in float32, as the quantizer
+    does, so that every value rounds to the same integer."""
+    x = np.asarray(x, dtype="float32")
+    scale = np.float32(value_range[1]) / (
+        np.max(np.abs(x), axis=-1, keepdims=True) + np.float32(epsilon)
+    )
+    values = np.clip(np.round(x * scale), *value_range)
+    return values.astype("float64") / scale.astype("float64")
