@@ -9,10 +9,13 @@ the result is one JSON object on the last line of stdout.
     KERAS_BACKEND=jax python benchmarks/bench_backend.py --quick
     KERAS_BACKEND=jax python benchmarks/bench_backend.py --sections vocab_scaling
     KERAS_BACKEND=torch python benchmarks/bench_backend.py --memory int4:ours
+    KERAS_BACKEND=jax python benchmarks/bench_backend.py --reverse-memory int8:keras
 
 `--memory CONFIG:IMPL,...` measures instead the table bytes and the peak
 resident memory of one forward pass (see peak_memory.py), for each listed
-configuration and implementation (`ours` or `keras`) in turn.
+configuration and implementation (`ours` or `keras`) in turn;
+`--reverse-memory FORMAT:IMPL,...` those of one reverse projection of a
+ReversibleEmbedding (see reverse_projection.py).
 """
 
 import argparse
@@ -26,6 +29,7 @@ import keras
 import native_floor
 import peak_memory
 import quantized
+import reverse_projection
 import vocab_scaling
 from plan import SECTIONS, plan
 from timing import BACKEND, SEED
@@ -74,9 +78,25 @@ def measure_sections(args):
         rows = result["vocab_scaling"] = []
         describe = "scaling {kind} {input_dim:,} rows lora={lora} {mode}".format_map
         vocab_scaling.bench(current, collector(rows, describe, pair))
+    if "reverse_projection" in sections:
+        rows = result["reverse_projection"] = []
+        describe = "reverse {format} {input_dim:,} rows {hidden} {mode}".format_map
+        reverse_projection.bench(
+            current, collector(rows, describe, reverse_projection.CALLABLES)
+        )
+        # keras-hub is imported here only: the other sections never load it.
+        import decoding
+
+        rows = result["decoding"] = []
+        describe = "decoding {format} vocab {vocab:,}".format_map
+        decoding.bench(current, collector(rows, describe, ("ours", "keras")))
     if "memory" in sections:
         # Last: the measurements need no timing, and free what they build.
         result["memory"] = memory(current, peak_memory.MEASUREMENTS)
+    if "reverse_projection" in sections and current["memory_in_timing_process"]:
+        result["reverse_memory"] = reverse_memory(
+            current, reverse_projection.MEMORY_MEASUREMENTS, args.quick
+        )
     result["speed"] = [
         *native_floor.lookup_rows(current, result.get("native_floor", [])),
         *result.pop("quantized", []),
@@ -84,7 +104,7 @@ def measure_sections(args):
     ]
     if args.quick:
         # Tiny sizes and 3 repetitions can neither meet nor miss a target.
-        for row in result["speed"]:
+        for row in [*result["speed"], *result.get("reverse_projection", [])]:
             row["met"] = None
     return result
 
@@ -104,6 +124,28 @@ def memory(current, measurements):
     return entries
 
 
+def reverse_memory(current, measurements, quick):
+    """`reverse_projection.measure_memory` of each `(format, impl)` in turn."""
+    entries = []
+    for name, impl in measurements:
+        entry = reverse_projection.measure_memory(
+            impl,
+            name,
+            current["reverse_memory_size"],
+            current["memory_settle_polls"],
+        )
+        progress(
+            f"reverse memory {name} {impl}: table "
+            f"{entry['table_bytes'] / 2**20:.1f} MiB, "
+            f"peak +{entry['peak_increase_mb']:.1f} MiB"
+        )
+        if quick:
+            # A tiny table's peaks are first-call setup: no target.
+            entry["met"] = None
+        entries.append(entry)
+    return entries
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run sizes")
@@ -118,12 +160,22 @@ def main():
         help="measure peak memory instead, e.g. int4:ours,int4:keras; configs: "
         + ", ".join(peak_memory.CONFIGS),
     )
+    parser.add_argument(
+        "--reverse-memory",
+        metavar="FORMAT:IMPL,...",
+        help="measure the peak memory of a reverse projection instead, e.g. "
+        "int8:ours; formats: " + ", ".join(reverse_projection.FORMATS),
+    )
     args = parser.parse_args()
     keras.utils.set_random_seed(SEED)
     if args.memory:
         measurements = [m.split(":") for m in args.memory.split(",")]
         entries = memory(plan(args.quick), measurements)
         result = {"backend": BACKEND, "memory": entries}
+    elif args.reverse_memory:
+        measurements = [m.split(":") for m in args.reverse_memory.split(",")]
+        entries = reverse_memory(plan(args.quick), measurements, args.quick)
+        result = {"backend": BACKEND, "reverse_memory": entries}
     else:
         result = measure_sections(args)
     print(json.dumps(result))

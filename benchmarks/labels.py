@@ -1,6 +1,6 @@
 """Names the report and the plots show for backends, modes and configurations."""
 
-from plan import MEMORY_CONFIGS
+from plan import DECODING_FORMATS, MEMORY_CONFIGS, REVERSE_FORMATS
 
 BACKEND_TITLES = {"tensorflow": "TensorFlow", "jax": "JAX", "torch": "PyTorch"}
 
@@ -24,6 +24,13 @@ NATIVE_OPS = {
 }
 
 MEMORY_LABELS = dict(MEMORY_CONFIGS)
+REVERSE_LABELS = dict(REVERSE_FORMATS)
+# `model.quantize("int4")` of a keras-hub model: Keras's default int4 config,
+# groups of 128 (the token embedding's policy is `int4/128_from_float32`).
+DECODING_LABELS = {
+    name: "int4 (groups of 128)" if name == "int4" else REVERSE_LABELS[name]
+    for name in DECODING_FORMATS
+}
 
 
 def native_op(backend, mode):

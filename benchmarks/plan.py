@@ -14,7 +14,13 @@ OUTPUT_DIM = 128
 LORA_RANK = 8
 
 # The sections of a run, in the order a backend process measures them.
-SECTIONS = ("native_floor", "quantized", "vocab_scaling", "memory")
+SECTIONS = (
+    "native_floor",
+    "quantized",
+    "vocab_scaling",
+    "reverse_projection",
+    "memory",
+)
 
 # Peak-memory configurations: (name, label). The layer each one builds is in
 # peak_memory.py.
@@ -26,6 +32,29 @@ MEMORY_CONFIGS = (
     ("float32_lora", "float32 + LoRA"),
     ("int4_lora", "int4 + LoRA"),
 )
+
+# The reverse projection of a tied `ReversibleEmbedding` (`layer(h,
+# reverse=True)`: logits over the vocabulary) of `output_dim=512`, on hidden
+# states of one decoding step of 8 sequences and of a 4 x 64 prompt.
+REVERSE_OUTPUT_DIM = 512
+REVERSE_HIDDEN_SHAPES = {
+    "decode": (8, REVERSE_OUTPUT_DIM),
+    "prefill": (4, 64, REVERSE_OUTPUT_DIM),
+}
+# Table formats of the reverse section: (name, label). LoRA is rank
+# LORA_RANK with a non-zero `B`, on the float table; int4 per row is
+# `Int4QuantizationConfig(block_size=None)`, int4 grouped `block_size=128`.
+# The layers each one builds are in reverse_projection.py.
+REVERSE_FORMATS = (
+    ("float32", "float32"),
+    ("float32_lora", "float32 + LoRA"),
+    ("int8", "int8"),
+    ("int4", "int4 per row"),
+    ("int4_128", "int4 (groups of 128)"),
+)
+# The formats of the decoding benchmark (a keras-hub causal LM's
+# `model.quantize(mode)` or its token embedding's LoRA).
+DECODING_FORMATS = ("float32", "float32_lora", "int8", "int4")
 
 FULL = {
     # Plain lookups against the backend's own gather. The lookup case of the
@@ -59,6 +88,32 @@ FULL = {
     # Before measuring, the resident set size must stay put for 4 polls
     # 0.25 s apart (see peak_memory.wait_for_rss_to_settle).
     "memory_settle_polls": (0.25, 4),
+    # The reverse projection: vocabularies of about Llama 3's size (128,256)
+    # and Gemma's (256,000 and 262,144); a 256k x 512 float32 table is
+    # 500 MiB. Repetitions per hidden-state shape and size; a shape without
+    # an entry for a size is not measured there: a prefill call (4 x 64
+    # tokens) is compute-bound, 34 GFLOP at 128k rows (about 0.7 s a call
+    # on this machine), and at 256k would only double it.
+    "reverse_sizes": (128_000, 256_000),
+    "reverse_reps": {
+        "decode": {128_000: 20, 256_000: 10},
+        "prefill": {128_000: 5},
+    },
+    "reverse_warmup": 2,
+    # From this size on, each timed decode call follows an untimed one
+    # (Keras's LoRA and int4 calls leave table-sized temporaries to free,
+    # which would slow whatever call came next).
+    "reverse_settle_from": 128_000,
+    # Peak memory of one reverse call on decode hidden states: one fresh
+    # process per backend, format and layer (as `memory`).
+    "reverse_memory_size": 256_000,
+    # Greedy decoding with a 2-layer keras-hub Gemma of this vocabulary:
+    # one prompt of `decoding_prompt` tokens, generated to `decoding_length`.
+    "decoding_vocab": 128_000,
+    "decoding_batch": 1,
+    "decoding_prompt": 8,
+    "decoding_length": 40,
+    "decoding_reps": 5,
 }
 
 QUICK = {
@@ -82,6 +137,20 @@ QUICK = {
     "memory_size": 1_000,
     "memory_in_timing_process": True,
     "memory_settle_polls": (0.05, 2),
+    # One size: every format, shape and mode compiles its own programs
+    # (60 XLA compilations per size on JAX and TensorFlow). 5,000 rows: our
+    # quantized projection reads them in 3 chunks.
+    "reverse_sizes": (5_000,),
+    "reverse_reps": {"decode": {5_000: 3}, "prefill": {5_000: 3}},
+    "reverse_warmup": 1,
+    "reverse_settle_from": 5_000,
+    # Measured in the timing process, as `memory` (the setup layer's size).
+    "reverse_memory_size": 1_000,
+    "decoding_vocab": 1_000,
+    "decoding_batch": 1,
+    "decoding_prompt": 4,
+    "decoding_length": 8,
+    "decoding_reps": 2,
 }
 
 

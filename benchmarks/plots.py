@@ -16,8 +16,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from labels import (
     BACKEND_TITLES,
+    DECODING_LABELS,
     MEMORY_LABELS,
     PLOTTED_COMPILED_MODE,
+    REVERSE_LABELS,
     rows_label,
 )
 from matplotlib.ticker import FuncFormatter
@@ -232,6 +234,148 @@ def memory(results, path):
     finish(figure, "Memory: table size and peak increase of a forward pass", path)
 
 
+FLOOR = "tab:gray"
+
+
+def empty_panel(axes, title, text):
+    axes.set_title(title)
+    axes.text(0.5, 0.5, text, ha="center", wrap=True, transform=axes.transAxes)
+    axes.set_xticks([])
+    axes.set_yticks([])
+
+
+def reverse_panel(axes, rows, title):
+    """Bars of ours, Keras's and the floor's median ms per table format."""
+    if not rows:
+        empty_panel(axes, title, "not measured")
+        return
+    names = list(dict.fromkeys(row["format"] for row in rows))
+    by_name = {row["format"]: row for row in rows}
+    series = [
+        (label, colour, None, [by_name[name][impl]["median_ms"] for name in names])
+        for impl, label, colour in (
+            ("ours", "ours", OURS),
+            ("keras", "keras", KERAS),
+            ("floor", "floor: einsum on the float32 table", FLOOR),
+        )
+    ]
+    grouped_bars(axes, [REVERSE_LABELS[name] for name in names], series)
+    axes.set_title(title)
+    axes.set_yscale("log")
+    plain_y_labels(axes)
+    axes.set_ylabel("median time per call (ms, log scale)")
+    axes.grid(True, axis="y", which="both", alpha=0.3)
+
+
+def reverse_projection(results, path):
+    """One column per backend: one decoding step at the largest size, eager
+    on top, the backend's compiled call below; one legend for all panels."""
+    rows = [row for result in results.values() for row in result["reverse_projection"]]
+    size = max(row["input_dim"] for row in rows)
+    figure, grid = plt.subplots(
+        2, len(results), figsize=(5.5 * len(results), 9), squeeze=False
+    )
+    for column, (backend, result) in enumerate(results.items()):
+        decode = [
+            row
+            for row in result.get("reverse_projection", [])
+            if row["hidden"] == "decode" and row["input_dim"] == size
+        ]
+        modes = list(dict.fromkeys(row["mode"] for row in decode))
+        title = BACKEND_TITLES[backend]
+        for panel in range(2):
+            axes = grid[panel][column]
+            if panel < len(modes):
+                mode_rows = [row for row in decode if row["mode"] == modes[panel]]
+                reverse_panel(axes, mode_rows, f"{title}: {modes[panel]}")
+            elif decode:
+                empty_panel(axes, f"{title}: compiled", "eager only on PyTorch")
+            else:
+                empty_panel(axes, title, "not measured")
+    finish(
+        figure,
+        f"Reverse projection (logits), {rows_label(size)} x 512 table, 8 x 512 "
+        "hidden states",
+        path,
+    )
+
+
+def reverse_memory(results, path):
+    """Per backend: the peak RSS increase of one reverse call per format,
+    ours and Keras's, against the target (a quarter of the float32 table)."""
+    figure, grid = plt.subplots(
+        1, len(results), figsize=(5.5 * len(results), 5), squeeze=False
+    )
+    for column, (backend, result) in enumerate(results.items()):
+        axes = grid[0][column]
+        entries = result.get("reverse_memory", [])
+        title = BACKEND_TITLES[backend]
+        if not entries:
+            empty_panel(axes, title, "not measured")
+            continue
+        names = list(dict.fromkeys(entry["format"] for entry in entries))
+        series = []
+        for impl, colour in (("ours", OURS), ("keras", KERAS)):
+            by_name = {e["format"]: e for e in entries if e["impl"] == impl}
+            values = [
+                by_name[name]["peak_increase_mb"] if name in by_name else None
+                for name in names
+            ]
+            series.append((impl, colour, None, values))
+        grouped_bars(axes, [REVERSE_LABELS[name] for name in names], series)
+        axes.axhline(
+            entries[0]["limit_mb"],
+            color="black",
+            linewidth=1,
+            linestyle="--",
+            label="target: a quarter of the float32 table",
+        )
+        axes.set_title(f"{title}: {rows_label(entries[0]['input_dim'])} x 512")
+        axes.set_ylabel("peak RSS increase (MiB, symlog scale)")
+        axes.set_yscale("symlog", linthresh=1)
+        axes.set_ylim(bottom=0)
+        plain_y_labels(axes)
+        axes.grid(True, axis="y", alpha=0.3)
+        axes.legend(fontsize="small")
+    finish(
+        figure, "Peak memory of one reverse projection (8 x 512 hidden states)", path
+    )
+
+
+def decoding(results, path):
+    """Grouped bars: ms per generated token, stock and upgraded, per format,
+    one panel per backend."""
+    figure, grid = plt.subplots(
+        1, len(results), figsize=(5 * len(results), 5), squeeze=False
+    )
+    for column, (backend, result) in enumerate(results.items()):
+        axes = grid[0][column]
+        rows = result.get("decoding", [])
+        title = BACKEND_TITLES[backend]
+        if not rows:
+            empty_panel(axes, title, "not measured")
+            continue
+        series = [
+            (
+                label,
+                colour,
+                None,
+                [row[impl]["median_ms"] / row["new_tokens"] for row in rows],
+            )
+            for impl, label, colour in (
+                ("ours", "replace_embeddings", OURS),
+                ("keras", "stock keras-hub", KERAS),
+            )
+        ]
+        grouped_bars(axes, [DECODING_LABELS[row["format"]] for row in rows], series)
+        axes.set_title(f"{title}: vocabulary {rows_label(rows[0]['vocab'])}")
+        axes.set_ylabel("median time per generated token (ms)")
+        axes.set_ylim(bottom=0)
+        axes.grid(True, axis="y", alpha=0.3)
+        axes.legend(fontsize="small")
+    finish(figure, "Greedy decoding, 2-layer GemmaCausalLM (keras-hub)", path)
+
+
 def finish(figure, title, path):
     figure.suptitle(title)
     handles, labels = figure.axes[0].get_legend_handles_labels()
@@ -266,6 +410,21 @@ FIGURES = {
         "native_floor",
     ),
     "memory": (memory, "Table bytes and peak memory of one forward pass", "memory"),
+    "reverse_projection": (
+        reverse_projection,
+        "Reverse projection time per table format: ours, Keras's and the floor",
+        "reverse_projection",
+    ),
+    "reverse_memory": (
+        reverse_memory,
+        "Peak memory of one reverse projection per table format",
+        "reverse_memory",
+    ),
+    "decoding": (
+        decoding,
+        "Greedy decoding time per token, stock keras-hub and replace_embeddings",
+        "decoding",
+    ),
 }
 
 

@@ -7,7 +7,13 @@ Links stay inside the output directory (the figures in `img/`, the JSON
 beside the page): MkDocs's strict mode rejects links outside `docs/`.
 """
 
-from labels import BACKEND_TITLES, MEMORY_LABELS, native_op
+from labels import (
+    BACKEND_TITLES,
+    DECODING_LABELS,
+    MEMORY_LABELS,
+    REVERSE_LABELS,
+    native_op,
+)
 
 # Below half the size of a table-sized temporary, a peak increase shows
 # none was made.
@@ -69,6 +75,24 @@ def headline_section(data):
     lora = f"{summary['lora_input_dim']:,} rows"
     floor = f"plain lookup, {summary['native_input_dim']:,} rows"
     quantized = f"{summary['quantized_input_dim']:,} rows"
+    reverse_size = summary.get("reverse_input_dim")
+    reverse = f"reverse projection, {reverse_size or 0:,} rows, 8 tokens, eager"
+
+    def reverse_speedup(name):
+        def cell(entry):
+            eager = entry.get("reverse", {}).get("speedup", {}).get("eager", {})
+            return number(eager.get(name), "x")
+
+        return cell
+
+    def reverse_floor(entry):
+        ratios = entry.get("reverse", {}).get("float_over_floor", {})
+        return number(ratios.get("eager"))
+
+    def decoding(entry):
+        speedups = entry.get("decoding_speedup", {})
+        return " / ".join(number(speedups.get(name), "x") for name in DECODING_LABELS)
+
     rows = [
         line(
             f"LoRA forward, {lora}, eager: Keras time / ours",
@@ -93,6 +117,22 @@ def headline_section(data):
             lambda b: number(b["int4_table_ratio"], "x"),
         ),
     ]
+    if reverse_size:
+        rows += [
+            line(f"{reverse} (float32): ours / einsum floor", reverse_floor),
+            *(
+                line(
+                    f"{reverse} ({REVERSE_LABELS[name]}): Keras time / ours",
+                    reverse_speedup(name),
+                )
+                for name in ("float32_lora", "int8", "int4_128")
+            ),
+            line(
+                f"greedy decoding, vocabulary {summary['decoding_vocab']:,}: "
+                "Keras time / ours per token, " + " / ".join(DECODING_LABELS.values()),
+                decoding,
+            ),
+        ]
     header = ["", *(BACKEND_TITLES[b] for b in backends)]
     return f"""## Headline
 
@@ -101,7 +141,10 @@ Medians of this run; `64 x 32` ids, `output_dim=128`, LoRA rank 8.
 tables below (`tf.function` / `tf.function` with XLA; `jax.jit`;
 `torch.compile`). "Native op" is the backend's own gather on the same table
 (`tf.gather`, `jnp.take`, `torch.nn.functional.embedding`), the floor of any
-layer: 1.0 means no overhead.
+layer: 1.0 means no overhead. The reverse-projection rows are of a tied
+`ReversibleEmbedding` of `output_dim=512` on the hidden states of one
+decoding step (`8 x 512`); their floor is `keras.ops.einsum` of the hidden
+states with the float32 table.
 
 {table(header, "l" * len(header), rows)}"""
 
@@ -274,7 +317,11 @@ in [benchmarks.json](benchmarks.json).{quick}
 `invalid_ids="raise"`, plus `invalid_ids="zeros"` for plain lookups) against
 `keras.layers.Embedding` ("keras"), both in the same process on the same ids
 (a `64 x 32` int32 batch, already a backend tensor) and the same weights,
-`output_dim=128`, LoRA rank 8 with a non-zero `B`."""
+`output_dim=128`, LoRA rank 8 with a non-zero `B`. The reverse-projection
+sections compare `keras_ext_embedding.ReversibleEmbedding` with
+`keras.layers.ReversibleEmbedding` (logits of hidden states, `output_dim=512`)
+and greedy decoding with a keras-hub causal LM, stock and after
+`replace_embeddings`."""
 
 
 def speed_sections(data, images):
@@ -357,13 +404,184 @@ the temporary from memory it already held, which the resident set size does
 not see."""
 
 
+def not_measured(rows, section):
+    if rows:
+        return None
+    return f"*Not measured in this run (`--sections` left `{section}` out).*"
+
+
+def gb_s(value):
+    return number(value)
+
+
+def reverse_table(data):
+    rows = [
+        [
+            backend,
+            f"{row['input_dim']:,}",
+            f"{row['hidden']} `{' x '.join(map(str, row['hidden_shape']))}`",
+            REVERSE_LABELS[row["format"]],
+            row["mode"],
+            row["ours"]["reps"],
+            milliseconds(row["ours"]),
+            milliseconds(row["keras"]),
+            milliseconds(row["floor"]),
+            f"{row['ratio']:.2f}",
+            number(1 / row["ratio"], "x"),
+            number(row["ours_over_floor"]),
+            f"{gb_s(row['ours_gb_s'])} / {gb_s(row['keras_gb_s'])} / "
+            f"{gb_s(row['floor_gb_s'])}",
+            row["target"],
+            verdict(row["met"]),
+        ]
+        for backend, row in backend_rows(data, "reverse_projection")
+    ]
+    header = ["backend", "rows", "hidden states", "table", "mode", "reps"]
+    header += ["ours (ms)", "keras (ms)", "floor (ms)", "ours/keras", "keras/ours"]
+    header += ["ours/floor", "GB/s ours / keras / floor", "target", "met"]
+    return table(header, "lrlllrrrrrrrrll", rows)
+
+
+def reverse_memory_table(data):
+    rows = [
+        [
+            backend,
+            REVERSE_LABELS[entry["format"]],
+            entry["impl"],
+            f"{entry['table_bytes'] / 2**20:.1f}",
+            f"{entry['peak_increase_mb']:.1f}",
+            number(entry["limit_mb"]),
+            f"{entry['logits_mb']:.1f}",
+            verdict(entry["met"]) if entry["impl"] == "ours" else "-",
+        ]
+        for backend, entry in backend_rows(data, "reverse_memory")
+    ]
+    header = ["backend", "table", "layer", "table (MiB)"]
+    header += ["peak RSS increase (MiB)", "target: at most (MiB)", "logits (MiB)"]
+    header += ["met"]
+    return table(header, "lllrrrrl", rows)
+
+
+def per_token(summary, tokens):
+    return milliseconds(
+        {
+            "median_ms": summary["median_ms"] / tokens,
+            "iqr_ms": summary["iqr_ms"] / tokens,
+        }
+    )
+
+
+def decoding_table(data):
+    rows = [
+        [
+            backend,
+            DECODING_LABELS[row["format"]],
+            f"{row['vocab']:,}",
+            f"{row['batch']} x {row['prompt']} -> {row['length']}",
+            row["ours"]["reps"],
+            per_token(row["ours"], row["new_tokens"]),
+            per_token(row["keras"], row["new_tokens"]),
+            number(1 / row["ratio"], "x"),
+            "yes"
+            if row["same_tokens"]
+            else f"**no** (first at {row['first_difference']})",
+        ]
+        for backend, row in backend_rows(data, "decoding")
+    ]
+    header = ["backend", "model", "vocabulary", "prompt -> length", "reps"]
+    header += ["ours (ms/token)", "keras (ms/token)", "keras/ours", "same tokens"]
+    return table(header, "lllrrrrrl", rows)
+
+
+def reverse_verdict(data):
+    ours = [e for _, e in backend_rows(data, "reverse_memory") if e["impl"] == "ours"]
+    verdicts = [e["met"] for e in ours]
+    if not ours:
+        return "not measured"
+    if any(met is None for met in verdicts):
+        return "n/a (a `--quick` run)"
+    return "met" if all(verdicts) else "**not met**"
+
+
+def reverse_sections(data, images):
+    settings = data["settings"]
+    rows = [row for _, row in backend_rows(data, "reverse_projection")]
+    memory = [entry for _, entry in backend_rows(data, "reverse_memory")]
+    decoding = [row for _, row in backend_rows(data, "decoding")]
+    sizes = ", ".join(f"{size:,}" for size in settings.get("reverse_sizes", ()))
+    prefill = sorted({row["input_dim"] for row in rows if row["hidden"] == "prefill"})
+    prefill_sizes = ", ".join(f"{size:,}" for size in prefill) or "-"
+    vocab = f"{settings['decoding_vocab']:,}" if "decoding_vocab" in settings else "-"
+    size = f"{memory[0]['input_dim']:,}" if memory else "-"
+    if settings["memory_in_timing_process"]:
+        processes = "all measured one after the other in the timing process"
+    else:
+        processes = "each measured in a fresh process"
+    return f"""## Reverse projection: ReversibleEmbedding logits
+
+`keras_ext_embedding.ReversibleEmbedding` ("ours") against
+`keras.layers.ReversibleEmbedding` ("keras"), tied weights, `output_dim=512`,
+at {sizes or "-"} rows, on the hidden states of one decoding step of 8
+sequences (`decode`, `8 x 512`) and, at {prefill_sizes} rows, of a `4 x 64`
+prompt (`prefill`): one `layer(h, reverse=True)` call, its logits
+`h @ table^T`. Both layers hold
+the same float32 table and are quantized alike (`quantize(mode,
+config=...)`); "floor" is `keras.ops.einsum("...d,vd->...v", h, W)` on a
+tensor holding the float32 table, one pass over its bytes. GB/s is the
+layer's stored table bytes (scales, zero points and LoRA factors included;
+the floor: the float32 table) over the median time: how close each call
+comes to streaming its table once. The floor's GB/s on the float32 table is
+the memory bandwidth such a read reaches on this machine.
+
+Targets, eager, one decoding step, each backend: float32 within 1.3x of the
+floor; LoRA at least 5x and int4 in groups of 128 at least 3x faster than
+Keras's; int8 at most 1.2x Keras's time. Prefill and compiled rows are for
+information: a prefill call is compute-bound (256 tokens), and compiled,
+XLA fuses Keras's transpose into the product.
+
+{figure(images, "reverse_projection")}
+
+{not_measured(rows, "reverse_projection") or reverse_table(data)}
+
+## Peak memory of one reverse projection
+
+`input_dim={size}`, `output_dim=512`, decode hidden states (`8 x 512`): the
+peak RSS increase of one eager reverse call, {processes}. Target: no call of
+ours adds more than a quarter of the float32 table's bytes:
+{reverse_verdict(data)}. Keras's rows are for comparison (its LoRA call adds
+the delta to a new float table; its int4 call unpacks and dequantizes the
+whole table).
+
+{figure(images, "reverse_memory")}
+
+{not_measured(memory, "reverse_projection") or reverse_memory_table(data)}
+
+## Greedy decoding with a keras-hub causal LM
+
+`keras_hub.models.GemmaCausalLM`, 2 layers, `hidden_dim=256`, built from its
+constructor arguments (no preset, no tokenizer, nothing downloaded), its
+tied token embedding of vocabulary {vocab}: the stock
+model against the same weights after `keras_ext_embedding.replace_embeddings`,
+both `compile(sampler="greedy")`, one `generate` of token ids (prompt ->
+length below, `stop_token_ids=None`) per repetition, shown per generated
+token. "LoRA" is `backbone.enable_lora(8, target_layer_names=
+["token_embedding"])` with a non-zero `B`; int8 and int4 are
+`model.quantize(mode)` (the dense layers too). "same tokens": the generated
+ids of both models are equal.
+
+{figure(images, "decoding")}
+
+{not_measured(decoding, "reverse_projection") or decoding_table(data)}"""
+
+
 METHOD = """## How it is measured
 
 - `benchmarks/run.py` starts `benchmarks/bench_backend.py` in one process per
   backend (`KERAS_BACKEND` set, `TF_CPP_MIN_LOG_LEVEL=3`), one after the
   other, for every timing; then one process per (backend, configuration,
-  layer) for memory, two at a time (the resident set size of a process does
-  not depend on its neighbours). `--quick` runs tiny sizes with few
+  layer) for memory (of a lookup and of a reverse projection), two at a
+  time (the resident set size of a process does not depend on its
+  neighbours). `--quick` runs tiny sizes with few
   repetitions and measures memory in one process per backend;
   `--backends jax,torch` runs a subset; `--output-dir DIR` writes the page,
   the JSON and `img/` there.
@@ -436,7 +654,35 @@ METHOD = """## How it is measured
   is lowered to the current one (`/proc/self/clear_refs`) and the increase
   of the peak (`resource.getrusage(...).ru_maxrss`) over one eager forward
   pass is reported. Memory an allocator reuses without asking the OS does
-  not show, so an increase is a lower bound of what the pass allocates."""
+  not show, so an increase is a lower bound of what the pass allocates.
+- **Reverse projection**: both layers built from the same seeded float32
+  table (one NumPy array), then `enable_lora(8)` with a non-zero `B` and the
+  same `A`, or `quantize("int8")`, `quantize("int4",
+  config=Int4QuantizationConfig(block_size=None))` (one scale per row) or
+  `block_size=128`. Before timing, in every mode, the logits of both layers
+  are checked equal (int8: bit for bit; the others within float32 rounding,
+  `rtol=1e-5, atol=2e-5`), and the floor's equal to ours on the float32
+  table. Ours, Keras's and the floor are timed together, in rotating order;
+  at the full sizes each timed decode call follows an untimed one (Keras's
+  LoRA and int4 calls leave table-sized temporaries to free, which slowed
+  the next call). Compiled: `jax.jit` of
+  `layer.stateless_call(trainable, non_trainable, h, reverse=True)` (the
+  floor gets its table as an argument), `tf.function(jit_compile=True)`;
+  PyTorch eager only.
+- **Peak memory of a reverse call**: as for a lookup above, per (backend,
+  format, layer): a call of a 1,000-row layer of the same format first, then
+  the layer built directly in its dtype policy (`int8_from_float32`,
+  `int4/-1_from_float32`, `int4/128_from_float32`, with the timings'
+  `Int4QuantizationConfig`), its resident set size settled and its peak
+  reset, and one eager reverse call on `8 x 512` hidden states.
+- **Greedy decoding**: two models built alike, the second given the first's
+  weights and then `replace_embeddings`; LoRA or quantization applied to
+  both alike, then `compile(sampler="greedy")`. The first `generate` of each
+  (which traces and compiles) gives the compared tokens; the timed ones
+  follow, in rotating order. Each `generate` runs the prompt through the
+  model, then one step per new token (a lookup of one id and a projection
+  of one hidden state onto the vocabulary); "per token" is its time over
+  the number of new tokens."""
 
 
 def markdown(data, images):
@@ -446,6 +692,7 @@ def markdown(data, images):
         machine_section(data),
         speed_sections(data, images),
         memory_sections(data, images),
+        reverse_sections(data, images),
         METHOD,
     ]
     return "\n\n".join(parts) + "\n"

@@ -4,12 +4,17 @@ Run by `make bench`. Starts `bench_backend.py` once per backend for the
 timings (Keras reads `KERAS_BACKEND` at its first import, so every backend
 needs a process of its own), then fresh processes for peak memory, and
 writes `benchmarks.md`, `benchmarks.json` and the figures in `img/` to the
-output directory.
+output directory. The `reverse_projection` section benchmarks
+`keras_ext_embedding.ReversibleEmbedding` against
+`keras.layers.ReversibleEmbedding` (logits, their peak memory, and greedy
+decoding with a keras-hub causal LM): about an hour of a full run, the other
+sections about 20 minutes.
 
-    python benchmarks/run.py                      # full run, docs/, ~20 min
+    python benchmarks/run.py                      # full run, docs/, ~80 min
     python benchmarks/run.py --quick              # smoke run, a temporary dir
     python benchmarks/run.py --quick --output-dir /tmp/bench
     python benchmarks/run.py --backends jax,torch --output-dir /tmp/bench
+    python benchmarks/run.py --sections reverse_projection --output-dir /tmp/bench
     python benchmarks/run.py --from-json docs/benchmarks.json --output-dir docs
 
 A full run writes to `docs/` unless `--output-dir` says otherwise; `--quick`
@@ -37,7 +42,17 @@ from concurrent.futures import ThreadPoolExecutor
 import plots
 import report
 import summary
-from plan import BATCH_SHAPE, LORA_RANK, MEMORY_CONFIGS, OUTPUT_DIM, SECTIONS, plan
+from plan import (
+    BATCH_SHAPE,
+    LORA_RANK,
+    MEMORY_CONFIGS,
+    OUTPUT_DIM,
+    REVERSE_FORMATS,
+    REVERSE_HIDDEN_SHAPES,
+    REVERSE_OUTPUT_DIM,
+    SECTIONS,
+    plan,
+)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -86,12 +101,21 @@ def run_all(jobs, runs):
         return list(pool.map(lambda run: run_bench(*run), runs))
 
 
-def memory_runs(backends):
+def memory_runs(backends, sections):
     """`(backend, ["--memory", "CONFIG:IMPL"])`: one run per backend,
-    configuration and layer."""
+    configuration and layer; and `["--reverse-memory", "FORMAT:IMPL"]` for
+    the reverse projection."""
     for backend in backends:
-        for (config, _), impl in itertools.product(MEMORY_CONFIGS, IMPLS):
-            yield backend, ["--memory", f"{config}:{impl}"]
+        if "memory" in sections:
+            for (config, _), impl in itertools.product(MEMORY_CONFIGS, IMPLS):
+                yield backend, ["--memory", f"{config}:{impl}"]
+        if "reverse_projection" in sections:
+            for (name, _), impl in itertools.product(REVERSE_FORMATS, IMPLS):
+                yield backend, ["--reverse-memory", f"{name}:{impl}"]
+
+
+# The result lists that several processes of a backend add to.
+MEMORY_SECTIONS = ("memory", "reverse_memory")
 
 
 def measure(args, backends, current):
@@ -105,15 +129,17 @@ def measure(args, backends, current):
     # A quick run's timings mean nothing anyway: its processes share the
     # cores, which keeps the smoke run short.
     outputs = run_all(len(runs) if args.quick else 1, runs)
-    if "memory" in args.sections and not in_process:
-        memory = list(memory_runs(backends))
+    if not in_process:
+        memory = list(memory_runs(backends, args.sections))
         runs += memory
         outputs += run_all(args.jobs, memory)
     results = {backend: {"backend": backend} for backend in backends}
     for (backend, _), output in zip(runs, outputs, strict=True):
-        memory_entries = output.pop("memory", [])
+        entries = {name: output.pop(name, []) for name in MEMORY_SECTIONS}
         results[backend].update(output)
-        results[backend].setdefault("memory", []).extend(memory_entries)
+        for name, section_entries in entries.items():
+            if section_entries or name == "memory":
+                results[backend].setdefault(name, []).extend(section_entries)
     return results
 
 
@@ -150,6 +176,8 @@ def document(args, backends, current, results, seconds):
         "batch_shape": list(BATCH_SHAPE),
         "output_dim": OUTPUT_DIM,
         "lora_rank": LORA_RANK,
+        "reverse_output_dim": REVERSE_OUTPUT_DIM,
+        "reverse_hidden_shapes": REVERSE_HIDDEN_SHAPES,
         **current,
     }
     # JSON object keys are strings; repetitions per size keep int keys here.
@@ -179,12 +207,36 @@ def write_outputs(data, output_dir):
 
 
 def missed_targets(data):
-    """`backend case mode variant` of every speed row that missed its target."""
+    """`backend case mode variant` of every speed row that missed its target,
+    then those of the reverse projection's rows and peak memory."""
+    missed = []
+    for backend, result in data["results"].items():
+        missed += [
+            f"{backend} {row['case']} {row['mode']} {row['variant']}"
+            for row in result.get("speed", [])
+            if row["met"] is False
+        ]
+        missed += [
+            f"{backend} reverse {row['format']} {row['input_dim']:,} rows "
+            f"{row['hidden']} {row['mode']}"
+            for row in result.get("reverse_projection", [])
+            if row["met"] is False
+        ]
+        missed += [
+            f"{backend} reverse memory {entry['format']}"
+            for entry in result.get("reverse_memory", [])
+            if entry["met"] is False
+        ]
+    return missed
+
+
+def token_mismatches(data):
+    """`backend format` of every decoding whose tokens differ from Keras's."""
     return [
-        f"{backend} {row['case']} {row['mode']} {row['variant']}"
+        f"{backend} {row['format']}"
         for backend, result in data["results"].items()
-        for row in result.get("speed", [])
-        if row["met"] is False
+        for row in result.get("decoding", [])
+        if not row["same_tokens"]
     ]
 
 
@@ -254,6 +306,9 @@ def main():
         data = document(args, args.backends, current, results, seconds)
         missed = missed_targets(data)
         print(f"Targets missed: {', '.join(missed) if missed else 'none'}")
+        differ = token_mismatches(data)
+        if differ:
+            print(f"Generated tokens differ from Keras's: {', '.join(differ)}")
         print(f"Total: {seconds / 60:.1f} minutes")
     write_outputs(data, output_dir)
     print(f"Wrote benchmarks.md, benchmarks.json and img/ to {output_dir}")

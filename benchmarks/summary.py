@@ -48,13 +48,43 @@ def int4_table_ratio(table_bytes):
     return None if row is None else row["float32_bytes"] / row["ours_bytes"]
 
 
+def reverse_ratios(rows, input_dim):
+    """One decoding step's reverse projection at `input_dim` rows, per mode:
+    ours over the floor on the float table, and Keras's time over ours per
+    format."""
+    decode = [
+        row
+        for row in rows
+        if row["hidden"] == "decode" and row["input_dim"] == input_dim
+    ]
+    modes = list(dict.fromkeys(row["mode"] for row in decode))
+    float_rows = {row["mode"]: row for row in decode if row["format"] == "float32"}
+    return {
+        "float_over_floor": {
+            mode: row["ours_over_floor"] for mode, row in float_rows.items()
+        },
+        "speedup": {
+            mode: {row["format"]: speedup(row) for row in decode if row["mode"] == mode}
+            for mode in modes
+        },
+    }
+
+
+def decoding_speedups(rows):
+    """Keras's time per generated token over ours, per format."""
+    return {row["format"]: speedup(row) for row in rows}
+
+
 def headline(results, settings):
     lora_size = settings["lora_case_size"]
     native_size = max(settings["native_sizes"])
+    reverse_size = max(settings["reverse_sizes"])
     return {
         "lora_input_dim": lora_size,
         "native_input_dim": native_size,
         "quantized_input_dim": settings["quantized_size"],
+        "reverse_input_dim": reverse_size,
+        "decoding_vocab": settings["decoding_vocab"],
         "backends": {
             backend: {
                 "lora_speedup": lora_speedups(
@@ -62,6 +92,10 @@ def headline(results, settings):
                 ),
                 "native": native_ratios(result.get("native_floor", []), native_size),
                 "int4_table_ratio": int4_table_ratio(result.get("table_bytes", [])),
+                "reverse": reverse_ratios(
+                    result.get("reverse_projection", []), reverse_size
+                ),
+                "decoding_speedup": decoding_speedups(result.get("decoding", [])),
             }
             for backend, result in results.items()
         },

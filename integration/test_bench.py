@@ -12,8 +12,33 @@ import pytest
 from processes import BACKENDS, ROOT, run_under
 
 RUN = ROOT / "benchmarks" / "run.py"
-SECTIONS = ("speed", "native_floor", "table_bytes", "vocab_scaling", "memory")
-FIGURES = ("vocab_scaling_forward", "vocab_scaling_train", "native_floor", "memory")
+SECTIONS = (
+    "speed",
+    "native_floor",
+    "table_bytes",
+    "vocab_scaling",
+    "memory",
+    "reverse_projection",
+    "reverse_memory",
+    "decoding",
+)
+FIGURES = (
+    "vocab_scaling_forward",
+    "vocab_scaling_train",
+    "native_floor",
+    "memory",
+    "reverse_projection",
+    "reverse_memory",
+    "decoding",
+)
+# The reverse projection's table formats and modes each backend measures.
+REVERSE_FORMATS = {"float32", "float32_lora", "int8", "int4", "int4_128"}
+REVERSE_MODES = {
+    "tensorflow": {"eager", "tf.function XLA"},
+    "jax": {"eager", "jax.jit"},
+    "torch": {"eager"},
+}
+DECODING_FORMATS = {"float32", "float32_lora", "int8", "int4"}
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -23,7 +48,7 @@ def quick_run(tmp_path_factory):
     # run.py starts a process per backend itself; KERAS_BACKEND here only
     # matters for its own imports, which load no backend.
     args = ["--quick", "--backends", ",".join(BACKENDS), "--output-dir", tmp_path]
-    run_under("tensorflow", RUN, *args, timeout=600)
+    run_under("tensorflow", RUN, *args, timeout=900)
     return tmp_path
 
 
@@ -46,6 +71,29 @@ def test_quick_benchmark_writes_json_markdown_and_figures(quick_run):
     assert not re.search(r"\]\((\.\./|/)", page)
 
 
+def test_quick_benchmark_measures_every_reverse_format_and_mode(quick_run):
+    data = json.loads((quick_run / "benchmarks.json").read_text())
+    for backend in BACKENDS:
+        result = data["results"][backend]
+        rows = result["reverse_projection"]
+        assert {row["format"] for row in rows} == REVERSE_FORMATS, backend
+        assert {row["mode"] for row in rows} == REVERSE_MODES[backend], backend
+        assert {row["hidden"] for row in rows} == {"decode", "prefill"}, backend
+        # A quick run's tiny sizes neither meet nor miss a target.
+        assert all(row["met"] is None for row in rows), backend
+        memory = result["reverse_memory"]
+        assert {(e["format"], e["impl"]) for e in memory} == {
+            (name, impl) for name in REVERSE_FORMATS for impl in ("ours", "keras")
+        }, backend
+        decoding = result["decoding"]
+        assert {row["format"] for row in decoding} == DECODING_FORMATS, backend
+        # Greedy decoding: the upgraded model generates the stock one's tokens.
+        assert all(row["same_tokens"] for row in decoding), (backend, decoding)
+    page = (quick_run / "benchmarks.md").read_text()
+    assert "## Reverse projection: ReversibleEmbedding logits" in page
+    assert "## Greedy decoding with a keras-hub causal LM" in page
+
+
 def test_run_help_names_the_options():
     output = run_under("tensorflow", RUN, "--help", timeout=60)
     for option in ("--quick", "--output-dir", "--backends", "--from-json"):
@@ -55,8 +103,10 @@ def test_run_help_names_the_options():
 def test_a_run_of_some_sections_draws_only_their_figures(quick_run, tmp_path):
     # What `--sections quantized` leaves: no scaling, floor or memory data.
     data = json.loads((quick_run / "benchmarks.json").read_text())
+    dropped = ("vocab_scaling", "native_floor", "memory")
+    dropped += ("reverse_projection", "reverse_memory", "decoding")
     for result in data["results"].values():
-        for section in ("vocab_scaling", "native_floor", "memory"):
+        for section in dropped:
             result.pop(section)
     source = tmp_path / "subset.json"
     source.write_text(json.dumps(data))
@@ -65,5 +115,33 @@ def test_a_run_of_some_sections_draws_only_their_figures(quick_run, tmp_path):
 
     assert not (out / "img").exists() or not list((out / "img").iterdir())
     page = (out / "benchmarks.md").read_text()
-    assert page.count("Figure not drawn: this run did not measure its section") == 4
+    assert page.count("Figure not drawn: this run did not measure its section") == 7
+    assert "Not measured in this run (`--sections` left `reverse_projection`" in page
     assert "(img/" not in page
+
+
+def test_a_json_from_before_the_reverse_section_still_renders(quick_run, tmp_path):
+    # docs/benchmarks.json of an earlier run: no reverse sections, settings
+    # or headline entries.
+    data = json.loads((quick_run / "benchmarks.json").read_text())
+    for result in data["results"].values():
+        for section in ("reverse_projection", "reverse_memory", "decoding"):
+            result.pop(section)
+    for key in ("reverse_input_dim", "decoding_vocab"):
+        data["headline"].pop(key)
+    for entry in data["headline"]["backends"].values():
+        entry.pop("reverse")
+        entry.pop("decoding_speedup")
+    data["settings"] = {
+        k: v
+        for k, v in data["settings"].items()
+        if not k.startswith(("reverse", "decoding"))
+    }
+    source = tmp_path / "old.json"
+    source.write_text(json.dumps(data))
+    out = tmp_path / "out"
+    run_under("tensorflow", RUN, "--from-json", source, "--output-dir", out)
+
+    page = (out / "benchmarks.md").read_text()
+    assert "(img/vocab_scaling_forward.png)" in page
+    assert "(img/reverse_projection.png)" not in page

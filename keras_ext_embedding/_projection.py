@@ -2,12 +2,12 @@
 
 A `ReversibleEmbedding`'s logits are `h @ table^T`: every row of the table is
 read once. A quantized table is widened to float32 for the product one chunk
-of rows at a time, so the float copy that exists at any moment is one chunk
-(`CHUNK_BYTES`), never the `input_dim x output_dim` table that Keras builds
-on every int8/int4 call. The chunks are a Python loop of static slices: the
-same program eagerly and under a trace (XLA fuses each slice with its
-widening and its product), at most `MAX_CHUNKS` of them so that a traced
-program stays small.
+of rows at a time, so the float values that exist at any moment are those of
+one chunk (`CHUNK_BYTES`), never the `input_dim x output_dim` table that
+Keras builds on every int8/int4 call. The chunks are a Python loop of static
+slices: the same program eagerly and under a trace (XLA fuses each slice
+with its widening and its product), at most `MAX_CHUNKS` of them so that a
+traced program stays small and an eager call dispatches few ops.
 
 With quantized hidden states (Keras's int8 reverse path), the product of
 integers is computed exactly in float32 GEMMs: every partial sum of products
@@ -21,10 +21,11 @@ import math
 
 from keras import ops
 
-CHUNK_BYTES = 4 * 2**20  # of float32 values widened at a time
+CHUNK_BYTES = 8 * 2**20  # of float32 values widened at a time
 MAX_CHUNKS = 64
 FLOAT32_EXACT = 2**24
 INT8_BOUND = 128  # the largest magnitude of quantized hidden states
+ROWS_FIRST = "...d,vd->...v"
 
 
 def chunk_bounds(rows, width):
@@ -35,15 +36,22 @@ def chunk_bounds(rows, width):
     ]
 
 
+def chunked(rows, width, chunk_logits):
+    """The logits `(..., rows)`, from `chunk_logits(start, stop)`, the logits
+    of rows `[start, stop)`."""
+    parts = [chunk_logits(start, stop) for start, stop in chunk_bounds(rows, width)]
+    return parts[0] if len(parts) == 1 else ops.concatenate(parts, axis=-1)
+
+
 def chunked_logits(hidden, rows, width, kernel):
     """`hidden @ table^T`, `(..., width) -> (..., rows)`, where
     `kernel(start, stop)` gives rows `[start, stop)` of the table, rows first,
     in the dtype of `hidden`."""
-    parts = [
-        ops.einsum("...d,vd->...v", hidden, kernel(start, stop))
-        for start, stop in chunk_bounds(rows, width)
-    ]
-    return parts[0] if len(parts) == 1 else ops.concatenate(parts, axis=-1)
+    return chunked(
+        rows,
+        width,
+        lambda start, stop: ops.einsum(ROWS_FIRST, hidden, kernel(start, stop)),
+    )
 
 
 def exact_width(value_bound):
@@ -62,16 +70,31 @@ def exact_logits(hidden, rows, width, kernel, value_bound):
         return chunked_logits(hidden, rows, width, kernel)
     slices = [(start, min(start + step, width)) for start in range(0, width, step)]
 
-    def exact_kernel(start, stop):
+    def exact_chunk(start, stop):
         table = kernel(start, stop)
         total = None
         for low, high in slices:
-            part = ops.einsum(
-                "...d,vd->...v", hidden[..., low:high], table[:, low:high]
-            )
+            part = ops.einsum(ROWS_FIRST, hidden[..., low:high], table[:, low:high])
             part = ops.cast(part, "int32")
             total = part if total is None else ops.add(total, part)
         return total
 
-    parts = [exact_kernel(start, stop) for start, stop in chunk_bounds(rows, width)]
-    return parts[0] if len(parts) == 1 else ops.concatenate(parts, axis=-1)
+    return chunked(rows, width, exact_chunk)
+
+
+def split_columns(hidden, half_width):
+    """The even and odd columns of `hidden`, each `(..., half_width)` (the odd
+    ones padded with a zero column when the width is odd): the hidden values
+    that meet the low and the high nibbles of packed int4 bytes."""
+    even = hidden[..., 0::2]
+    odd = hidden[..., 1::2]
+    if odd.shape[-1] < half_width:
+        pad = [[0, 0]] * (len(odd.shape) - 1) + [[0, half_width - odd.shape[-1]]]
+        odd = ops.pad(odd, pad)
+    return even, odd
+
+
+def nibble_logits(even, odd, low, high):
+    """`hidden @ table^T` of a chunk given as its low and high nibbles
+    (`(rows, half_width)` each, float32): no interleaved copy of the chunk."""
+    return ops.add(ops.einsum(ROWS_FIRST, even, low), ops.einsum(ROWS_FIRST, odd, high))

@@ -341,16 +341,7 @@ class _QuantizedTable(_Table):
         return "float32"  # rows are dequantized in float32
 
     def rows(self, index):
-        # A per-row scale is gathered as a column, `(input_dim, 1)`: Keras's
-        # PyTorch `take` flattens the ids to gather from a 1-D tensor, an op
-        # (`aten::ravel`) that PyTorch's ONNX export refuses.
-        return self._rows(
-            lambda variable: ops.take(
-                variable if len(variable.shape) > 1 else ops.expand_dims(variable, -1),
-                index,
-                axis=0,
-            )
-        )
+        return self._rows(lambda variable: _gather_rows(variable, index))
 
     def project(self, hidden, dtype, inputs_quantizer=None):
         """`hidden @ table^T` in `dtype`, with Keras's numerics.
@@ -362,26 +353,34 @@ class _QuantizedTable(_Table):
         table's scale. The table is read in vocabulary chunks, each widened
         to float32 on its own.
         """
-        place = self.placement
-        embeddings = ops.convert_to_tensor(place.get(self.layer, "embeddings"))
         inputs_scale = None
         if inputs_quantizer is not None:
             hidden, inputs_scale = inputs_quantizer(hidden)
-        hidden = ops.cast(hidden, "float32")
+        logits = self._chunked_logits(
+            ops.cast(hidden, "float32"), exact=inputs_scale is not None
+        )
+        return self._descaled(ops.cast(logits, dtype), inputs_scale, dtype)
+
+    def _chunked_logits(self, hidden, exact):
+        """`hidden @ values^T` of the stored integers, chunk by chunk."""
+        place = self.placement
+        embeddings = ops.convert_to_tensor(place.get(self.layer, "embeddings"))
 
         def kernel(start, stop):
-            return self._unpacked(place.read(embeddings, start, stop), "float32")
+            return ops.cast(place.read(embeddings, start, stop), "float32")
 
-        if inputs_scale is not None:
-            logits = _projection.exact_logits(
+        if exact:
+            return _projection.exact_logits(
                 hidden, self.rows_count, self.layer.output_dim, kernel, self.value_bound
             )
-        else:
-            logits = _projection.chunked_logits(
-                hidden, self.rows_count, self.layer.output_dim, kernel
-            )
-        logits = ops.cast(logits, dtype)
-        scale = ops.cast(place.get(self.layer, "scale"), dtype)
+        return _projection.chunked_logits(
+            hidden, self.rows_count, self.layer.output_dim, kernel
+        )
+
+    def _descaled(self, logits, inputs_scale, dtype):
+        """The logits divided by the table's scale of each row (and the
+        hidden states' scale), as Keras divides them."""
+        scale = ops.cast(self.placement.get(self.layer, "scale"), dtype)
         if inputs_scale is not None:
             scale = ops.multiply(ops.cast(inputs_scale, dtype), scale)
         return ops.divide(logits, scale)
@@ -492,6 +491,28 @@ class Int4Table(_QuantizedTable):
     def _unpacked(self, values, dtype="int8"):
         return _quantization.unpack_int4(values, self.layer.output_dim, dtype)
 
+    def _chunked_logits(self, hidden, exact):
+        """`hidden @ values^T`, chunk by chunk, each chunk's low and high
+        nibbles multiplied by the even and odd hidden columns: no
+        interleaved copy (its stack and reshape cost several times the
+        product). Exact for integer hidden states: int4 values keep every
+        partial sum far below 2**24."""
+        place = self.placement
+        packed = ops.convert_to_tensor(place.get(self.layer, "embeddings"))
+        even, odd = _projection.split_columns(hidden, self.width)
+
+        def chunk_logits(start, stop):
+            low, high = _quantization.nibbles(place.read(packed, start, stop))
+            low, high = self._dequantized_nibbles(low, high, start, stop)
+            return _projection.nibble_logits(even, odd, low, high)
+
+        return _projection.chunked(self.rows_count, self.layer.output_dim, chunk_logits)
+
+    def _dequantized_nibbles(self, low, high, start, stop):
+        """The values the projection multiplies: per row, the integers (the
+        scale divides the logits afterwards)."""
+        return low, high
+
 
 class GroupedInt4Table(Int4Table):
     """int4 values as `Int4Table`, each row cut into groups of `block_size`
@@ -550,29 +571,47 @@ class GroupedInt4Table(Int4Table):
         if self.placement.has("g_idx"):
             self.placement.delete(self.layer, "g_idx")
 
-    def project(self, hidden, dtype, inputs_quantizer=None):
-        """`hidden @ table^T` in `dtype`: each vocabulary chunk dequantized
-        to float32 and multiplied, then divided by the hidden states' scale
-        when Keras quantizes them (a layer built from an int4 dtype policy
-        alone)."""
-        place = self.placement
-        inputs_scale = None
-        if inputs_quantizer is not None:
-            hidden, inputs_scale = inputs_quantizer(hidden)
-        logits = _projection.chunked_logits(
-            ops.cast(hidden, "float32"),
-            self.rows_count,
-            self.layer.output_dim,
-            lambda start, stop: self._rows(
-                lambda variable: place.read(
-                    ops.convert_to_tensor(variable), start, stop
-                )
-            ),
+    def _dequantized_nibbles(self, low, high, start, stop):
+        """`(nibble - zero) * scale` of rows `[start, stop)`, each nibble
+        with its column's group (Keras dequantizes the whole table first)."""
+        place, layer = self.placement, self.layer
+        scale = place.read(
+            ops.convert_to_tensor(place.get(layer, "scale")), start, stop
         )
-        logits = ops.cast(logits, dtype)
-        if inputs_scale is not None:
-            logits = ops.divide(logits, ops.cast(inputs_scale, dtype))
-        return logits
+        zero = place.read(ops.convert_to_tensor(place.get(layer, "zero")), start, stop)
+        zero = ops.cast(zero, "float32")
+        half = self.block_size // 2
+        if (
+            self.block_size % 2 == 0
+            and layer.output_dim == self.groups * self.block_size
+        ):
+            # Whole groups of an even size: both nibbles of a byte share a
+            # group, `half` bytes a group.
+            rows = stop - start
+
+            def dequantized(values):
+                grouped = ops.reshape(values, (rows, self.groups, half))
+                centered = ops.subtract(grouped, ops.expand_dims(zero, -1))
+                values = ops.multiply(centered, ops.expand_dims(scale, -1))
+                return ops.reshape(values, (rows, self.groups * half))
+
+            return dequantized(low), dequantized(high)
+        low_groups, high_groups = _quantization.half_column_groups(
+            layer.output_dim, self.block_size
+        )
+
+        def dequantized_in(values, groups):
+            centered = ops.subtract(values, ops.take(zero, groups, axis=-1))
+            return ops.multiply(centered, ops.take(scale, groups, axis=-1))
+
+        return dequantized_in(low, low_groups), dequantized_in(high, high_groups)
+
+    def _descaled(self, logits, inputs_scale, dtype):
+        """The scales are in the values already: only the hidden states'
+        scale divides the logits (Keras's order)."""
+        if inputs_scale is None:
+            return logits
+        return ops.divide(logits, ops.cast(inputs_scale, dtype))
 
     def _roles(self):
         roles = ("embeddings", "scale", "zero", "g_idx")
@@ -621,6 +660,22 @@ class GroupedInt4Table(Int4Table):
         return ops.multiply(
             ops.cast(centered, "float32"), ops.take(scale, columns, axis=-1)
         )
+
+
+def _gather_rows(variable, index):
+    """`variable[index]` along the first axis.
+
+    On PyTorch a per-row scale (1-D) is gathered through its `(input_dim, 1)`
+    view: Keras's PyTorch `take` of a 1-D tensor flattens the ids with
+    `aten::ravel`, which PyTorch's ONNX export refuses, while a 2-D gather
+    exports as ONNX's Gather, and the view costs nothing there. Elsewhere
+    the view would be a copy of the scales on every eager call (JAX: 5x the
+    time of the gather), so the scales are gathered as they are.
+    """
+    if len(variable.shape) > 1 or keras.config.backend() != "torch":
+        return ops.take(variable, index, axis=0)
+    column = ops.expand_dims(ops.convert_to_tensor(variable), -1)
+    return ops.squeeze(ops.take(column, index, axis=0), -1)
 
 
 def quantized_table(layer, mode, config, placement=FORWARD):

@@ -80,8 +80,8 @@ def test_predict_on_gpu_with_invalid_ids():
 @pytest.mark.parametrize("block_size", [None, 4])
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_quantized_lookup_on_gpu_equals_numpy_reference(mode, block_size):
-    """int8 shifts and casts as the GPU kernels do them: the unpacking relies
-    on arithmetic shifts that wrap in 8 bits."""
+    """int8 casts and int4 unpacking (float32 floor and select) as the GPU
+    kernels do them."""
     from quantization_reference import dequantized_table
 
     if mode == "int8" and block_size is not None:
