@@ -3,8 +3,8 @@
 A `ReversibleEmbedding`'s logits are `h @ table^T`: every row of the table is
 read once. A quantized table is widened to float32 for the product one chunk
 of rows at a time, so the float values that exist at any moment are those of
-one chunk (`CHUNK_BYTES`), never the `input_dim x output_dim` table that
-Keras builds on every int8/int4 call. The chunks are a Python loop of static
+one chunk (`CHUNK_BYTES`, or a sixteenth of a small table), never the
+`input_dim x output_dim` table that Keras builds on every int8/int4 call. The chunks are a Python loop of static
 slices: the same program eagerly and under a trace (XLA fuses each slice
 with its widening and its product), at most `MAX_CHUNKS` of them so that a
 traced program stays small and an eager call dispatches few ops.
@@ -22,6 +22,9 @@ import math
 from keras import ops
 
 CHUNK_BYTES = 8 * 2**20  # of float32 values widened at a time
+# A small table is still cut in MIN_CHUNKS: a chunk's float values stay a
+# sixteenth of the float table's size; a big one in at most MAX_CHUNKS.
+MIN_CHUNKS = 16
 MAX_CHUNKS = 64
 FLOAT32_EXACT = 2**24
 INT8_BOUND = 128  # the largest magnitude of quantized hidden states
@@ -30,7 +33,8 @@ ROWS_FIRST = "...d,vd->...v"
 
 def chunk_bounds(rows, width):
     """`(start, stop)` of the vocabulary chunks of a `rows x width` table."""
-    per_chunk = max(CHUNK_BYTES // (4 * width), math.ceil(rows / MAX_CHUNKS), 1)
+    per_chunk = min(CHUNK_BYTES // (4 * width), math.ceil(rows / MIN_CHUNKS))
+    per_chunk = max(per_chunk, math.ceil(rows / MAX_CHUNKS), 1)
     return [
         (start, min(start + per_chunk, rows)) for start in range(0, rows, per_chunk)
     ]
