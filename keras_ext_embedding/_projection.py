@@ -4,10 +4,11 @@ A `ReversibleEmbedding`'s logits are `h @ table^T`: every row of the table is
 read once. A quantized table is widened to float32 for the product one chunk
 of rows at a time, so the float values that exist at any moment are those of
 one chunk (`CHUNK_BYTES`, or a sixteenth of a small table), never the
-`input_dim x output_dim` table that Keras builds on every int8/int4 call. The chunks are a Python loop of static
-slices: the same program eagerly and under a trace (XLA fuses each slice
-with its widening and its product), at most `MAX_CHUNKS` of them so that a
-traced program stays small and an eager call dispatches few ops.
+`input_dim x output_dim` table that Keras builds on every int8/int4 call.
+The chunks are a Python loop of static slices: the same program eagerly and
+under a trace (XLA fuses each slice with its widening and its product), at
+most `MAX_CHUNKS` of them so that a traced program stays small and an eager
+call dispatches few ops.
 
 With quantized hidden states (Keras's int8 reverse path), the product of
 integers is computed exactly in float32 GEMMs: every partial sum of products
