@@ -45,18 +45,29 @@ QUANTIZED_SHAPE_HINT = (
 class Placement:
     """Where a table's variables live on the layer, and which way round.
 
-    `variables` maps each variable's role (`"embeddings"`, `"scale"`,
-    `"zero"`, `"g_idx"`) to its name, which is also the layer attribute
-    holding it, except the forward table's `_embeddings` (the `embeddings`
-    property returns the table merged with LoRA).
+    Each variable has a role (`"embeddings"`, `"scale"`, `"zero"`, and for
+    the forward table `"g_idx"`) and Keras's name for it: the role's name
+    after `prefix` (`reverse_embeddings_scale`). The name is also the layer
+    attribute holding it, except the forward table's `_embeddings` (the
+    `embeddings` property returns the table merged with LoRA).
     """
 
-    def __init__(self, variables, attributes, transposed, zero_dtype, description):
-        self.variables = variables
-        self.attributes = attributes
+    ROLES = {
+        "embeddings": "embeddings",
+        "scale": "embeddings_scale",
+        "zero": "embeddings_zero",
+        "g_idx": "g_idx",
+    }
+
+    def __init__(self, prefix, transposed, zero_dtype, group_index, attributes):
+        roles = dict(self.ROLES)
+        if not group_index:
+            del roles["g_idx"]
+        self.variables = {role: prefix + name for role, name in roles.items()}
+        self.attributes = {**self.variables, **attributes}
         self.transposed = transposed
         self.zero_dtype = zero_dtype
-        self.description = description
+        self.description = prefix.replace("_", " ")
 
     def name(self, role):
         return self.variables[role]
@@ -94,39 +105,21 @@ class Placement:
 
 
 FORWARD = Placement(
-    variables={
-        "embeddings": "embeddings",
-        "scale": "embeddings_scale",
-        "zero": "embeddings_zero",
-        "g_idx": "g_idx",
-    },
-    attributes={
-        "embeddings": "_embeddings",
-        "scale": "embeddings_scale",
-        "zero": "embeddings_zero",
-        "g_idx": "g_idx",
-    },
+    prefix="",
     transposed=False,
     zero_dtype="int8",
-    description="",
+    group_index=True,
+    attributes={"embeddings": "_embeddings"},
 )
 # Keras's untied reverse table: `(output_dim, input_dim)`, int4 packed along
 # axis 0, per-group scales and zero points `(groups, input_dim)`, the zero
 # points float32 (the forward table's are int8), and no `g_idx` of its own.
 REVERSE = Placement(
-    variables={
-        "embeddings": "reverse_embeddings",
-        "scale": "reverse_embeddings_scale",
-        "zero": "reverse_embeddings_zero",
-    },
-    attributes={
-        "embeddings": "reverse_embeddings",
-        "scale": "reverse_embeddings_scale",
-        "zero": "reverse_embeddings_zero",
-    },
+    prefix="reverse_",
     transposed=True,
     zero_dtype="float32",
-    description="reverse ",
+    group_index=False,
+    attributes={},
 )
 
 
