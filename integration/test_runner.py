@@ -34,3 +34,15 @@ def test_runner_refuses_an_unknown_backend_before_running_anything():
     assert done.returncode == 2
     assert "unknown backends ['torchh']; choose from" in done.stderr
     assert "unit[" not in done.stdout  # no suite started
+
+
+def test_runner_refuses_fewer_than_one_job():
+    done = subprocess.run(
+        [sys.executable, ROOT / "tests" / "run_backends.py", "--jobs", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert "--jobs must be at least 1; received 0" in done.stderr
+    assert "unit[" not in done.stdout

@@ -3,11 +3,15 @@
     python tests/run_backends.py                      # all three backends
     python tests/run_backends.py jax torch            # these backends only
     python tests/run_backends.py --only unit torch    # or --only integration
+    python tests/run_backends.py --jobs 1             # one suite at a time
 
 `KERAS_BACKEND` is read when keras is first imported, so every backend gets a
 process of its own. The integration run covers the listed backends through
-`INTEGRATION_BACKENDS` (integration/processes.py). Prints one summary line per
-run and exits non-zero when any run fails or runs no test.
+`INTEGRATION_BACKENDS` (integration/processes.py). The suites run side by
+side, as many at once as the machine has cores (`--jobs`): a unit suite keeps
+one core busy, so on two cores two suites take about the time of one. Prints
+one summary line per run and exits non-zero when any run fails or runs no
+test.
 """
 
 import argparse
@@ -16,9 +20,13 @@ import re
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 BACKENDS = ("tensorflow", "jax", "torch")
 SUMMARY = re.compile(r"^=* ?(\d+ (?:passed|failed|error|skipped).*?) in [\d.]+s", re.M)
+# Longest first, so that the last suite to start is a short one: integration,
+# then the unit suites by their usual length.
+DURATION_ORDER = ("integration", "jax", "tensorflow", "torch")
 
 
 def run(label, backend, paths, env=None):
@@ -37,9 +45,11 @@ def run(label, backend, paths, env=None):
     summary = summaries[-1] if summaries else "no pytest summary"
     ran = bool(re.search(r"\d+ passed", summary))
     ok = done.returncode == 0 and ran
-    if not ok:
-        sys.stdout.write(output)
-    print(f"{label:<22} {'ok' if ok else 'FAILED':<7} {summary} ({seconds:.0f}s)")
+    # One write per suite: suites that finish together do not interleave.
+    report = "" if ok else output
+    report += f"{label:<22} {'ok' if ok else 'FAILED':<7} {summary} ({seconds:.0f}s)\n"
+    sys.stdout.write(report)
+    sys.stdout.flush()
     return ok
 
 
@@ -51,28 +61,45 @@ def parse_args():
     parser.add_argument(
         "--only", choices=("unit", "integration"), help="run one of the two suites"
     )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="suites run at once (default: the number of cores)",
+    )
     args = parser.parse_args()
     unknown = [b for b in args.backends if b not in BACKENDS]
     if unknown:
         parser.error(f"unknown backends {unknown}; choose from {list(BACKENDS)}")
+    if args.jobs < 1:
+        parser.error(f"--jobs must be at least 1; received {args.jobs}")
     # In BACKENDS' order, once each, as integration/processes.py selects them.
     args.backends = [b for b in BACKENDS if b in args.backends] or list(BACKENDS)
     return args
 
 
-def main():
-    args = parse_args()
-    results = []
+def suites(args):
+    """`{name: (label, backend, paths, env)}` of the runs `args` select."""
+    selected = {}
     if args.only != "integration":
-        results += [run(f"unit[{b}]", b, ["tests"]) for b in args.backends]
+        for b in args.backends:
+            selected[b] = (f"unit[{b}]", b, ["tests"], None)
     if args.only != "unit":
         # The integration tests start a process per backend themselves; this
         # one never imports keras.
         label = "integration"
         if args.backends != list(BACKENDS):
             label += f"[{','.join(args.backends)}]"
-        selected = {"INTEGRATION_BACKENDS": " ".join(args.backends)}
-        results.append(run(label, "tensorflow", ["integration"], selected))
+        env = {"INTEGRATION_BACKENDS": " ".join(args.backends)}
+        selected["integration"] = (label, "tensorflow", ["integration"], env)
+    return [selected[name] for name in DURATION_ORDER if name in selected]
+
+
+def main():
+    args = parse_args()
+    runs = suites(args)
+    with ThreadPoolExecutor(min(args.jobs, len(runs))) as pool:
+        results = list(pool.map(lambda suite: run(*suite), runs))
     if not all(results):
         print("FAILED: see the output above.")
         return 1
