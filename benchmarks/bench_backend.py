@@ -8,6 +8,7 @@ the result is one JSON object on the last line of stdout.
 
     KERAS_BACKEND=jax python benchmarks/bench_backend.py --quick
     KERAS_BACKEND=jax python benchmarks/bench_backend.py --sections vocab_scaling
+    KERAS_BACKEND=tensorflow python benchmarks/bench_backend.py --quick --sections training
     KERAS_BACKEND=torch python benchmarks/bench_backend.py --memory int4:ours
     KERAS_BACKEND=jax python benchmarks/bench_backend.py --reverse-memory int8:keras
 
@@ -30,6 +31,7 @@ import native_floor
 import peak_memory
 import quantized
 import reverse_projection
+import training
 import vocab_scaling
 from plan import SECTIONS, plan
 from timing import BACKEND, SEED
@@ -78,6 +80,22 @@ def measure_sections(args):
         rows = result["vocab_scaling"] = []
         describe = "scaling {kind} {input_dim:,} rows lora={lora} {mode}".format_map
         vocab_scaling.bench(current, collector(rows, describe, pair))
+    if "training" in sections:
+        rows = result["training"] = []
+        lookups = result["lookup_after_training"] = []
+        training.bench(
+            current,
+            collector(
+                rows,
+                "training {input_dim:,} rows {mode}".format_map,
+                training.variants(),
+            ),
+            collector(
+                lookups,
+                "lookup after training {input_dim:,} rows {variant} {call}".format_map,
+                training.LOOKUP_TIMES,
+            ),
+        )
     if "reverse_projection" in sections:
         rows = result["reverse_projection"] = []
         describe = "reverse {format} {input_dim:,} rows {hidden} {mode}".format_map

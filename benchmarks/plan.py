@@ -18,6 +18,7 @@ SECTIONS = (
     "native_floor",
     "quantized",
     "vocab_scaling",
+    "training",
     "reverse_projection",
     "memory",
 )
@@ -81,6 +82,26 @@ FULL = {
     # From this size on, each timed call follows an untimed one (see
     # timing.compare): a Keras call there leaves gigabytes to free.
     "settle_from": 1_000_000,
+    # Training big tables: ms per train_on_batch of Input -> Embedding ->
+    # GlobalAveragePooling1D -> Dense(1) against the vocabulary size, for
+    # Keras's layer and ours, dense and with `optimizer=` (see training.py).
+    # With Adam, a 4M x 128 table and its two moments are 6 GiB, and
+    # Keras's dense Adam step takes seconds: few repetitions at the large
+    # sizes, and from `training_alone_from` on each variant is built, timed
+    # and freed alone (not interleaved), so that one model at a time is
+    # alive.
+    "training_sizes": (10_000, 100_000, 1_000_000, 4_000_000),
+    "training_reps": {10_000: 20, 100_000: 15, 1_000_000: 5, 4_000_000: 3},
+    "training_alone_from": 4_000_000,
+    # The headline's training row.
+    "training_case_size": 1_000_000,
+    # The bytes of the NumPy copy that measures the memory bandwidth the
+    # section's one-pass floor is computed at.
+    "bandwidth_bytes": 256 * 2**20,
+    # Lookups before and after one training step (SGD): predict_on_batch
+    # and an eager call, Keras's layer, ours dense and ours optimizer="sgd".
+    "after_training_size": 1_000_000,
+    "after_training_reps": 10,
     # Peak memory of one forward pass: one fresh process per backend,
     # configuration and layer.
     "memory_size": 1_000_000,
@@ -130,6 +151,15 @@ QUICK = {
     "scaling_reps": {1_000: 3, 10_000: 3, 100_000: 3},
     "lora_case_size": 100_000,
     "settle_from": 100_000,
+    # Every variant and (TensorFlow) jit mode compiles its own train step:
+    # one size, interleaved, then one built alone.
+    "training_sizes": (1_000, 5_000),
+    "training_reps": {1_000: 2, 5_000: 2},
+    "training_alone_from": 5_000,
+    "training_case_size": 1_000,
+    "bandwidth_bytes": 16 * 2**20,
+    "after_training_size": 5_000,
+    "after_training_reps": 2,
     # The timing process measures every configuration in turn at the end:
     # no process to start, but memory freed before can serve a later
     # measurement's temporaries unseen, so quick peaks mean little. The size

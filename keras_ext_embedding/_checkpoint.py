@@ -21,6 +21,8 @@ layer keeps them apart, each in its own dtype, so fine-tuning resumes exactly
 where it stopped.
 """
 
+import warnings
+
 import numpy as np
 
 LORA_ENTRIES = 3
@@ -53,6 +55,45 @@ def read_entries(store, layer_name, stored, description, shape_hint):
         what = "the table" if len(stored) == 1 else name
         check_shape(layer_name, what, array, variable.shape, shape_hint)
     return entries
+
+
+def split_named(store):
+    """`(numbered, named)`: the store's entries "0", "1", ... (Keras's
+    layout) and those saved under a name (row-sparse slots), as dicts."""
+    keys = list(store.keys())
+    numbered = {key: store[key] for key in keys if key.isdigit()}
+    named = {key: store[key] for key in keys if not key.isdigit()}
+    return numbered, named
+
+
+def read_named(layer_name, named, stored):
+    """The arrays of `stored` `(key, variable)` pairs found in `named`, in
+    order, checked against their variables' shapes; None when the
+    checkpoint holds none of them (saved without `optimizer=`)."""
+    present = [key for key, _ in stored if key in named]
+    if not present:
+        return None
+    if len(present) != len(stored):
+        missing = [key for key, _ in stored if key not in named]
+        warnings.warn(
+            f"Layer '{layer_name}': the checkpoint holds {', '.join(present)} "
+            f"but not {', '.join(missing)}: it was saved with another "
+            "`optimizer`. The row-sparse optimizer state starts afresh.",
+            stacklevel=2,
+        )
+        return None
+    arrays = []
+    for key, variable in stored:
+        array = np.asarray(named[key])
+        check_shape(
+            layer_name,
+            key,
+            array,
+            variable.shape,
+            "The checkpoint belongs to a layer of another shape.",
+        )
+        arrays.append(array)
+    return arrays
 
 
 def _hint(entries, stored):

@@ -11,6 +11,8 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_ext_embedding import _runs
+
 
 class LoraAdapters:
     """The adapters of `layer`, of its `lora_rank`, scaled by its
@@ -31,13 +33,15 @@ class LoraAdapters:
     def build(self, b_initializer):
         layer = self.layer
         # Adapters stay float32 whatever the policy: low-precision adapters
-        # underflow during fine-tuning.
+        # underflow during fine-tuning. A row-sparse A (the layer's
+        # `optimizer`) is never autocast: its step writes all of it back.
         layer.lora_embeddings_a = layer.add_weight(
             name="lora_embeddings_a",
             shape=(layer.input_dim, self.rank),
             initializer=self.a_initializer,
             dtype="float32",
             regularizer=layer.embeddings_regularizer,
+            autocast=layer._row_sparse_rule is None,
         )
         layer.lora_embeddings_b = layer.add_weight(
             name="lora_embeddings_b",
@@ -63,14 +67,20 @@ class LoraAdapters:
     def b(self):
         return self.layer.lora_embeddings_b
 
-    def rows(self, index):
+    def rows(self, index, training=None, a_training=None, touched=None):
         """The delta of the rows at `index`: `scale * A[index] @ B`, without
-        the `input_dim x output_dim` product."""
+        the `input_dim x output_dim` product. While `a_training` (A's
+        row-sparse training state) trains A, its lookup reads A's rows and
+        `touched` says which it may step."""
         b = self.b
         if self.scale != 1:
             # Scaling B (rank x output_dim) costs less than scaling the rows.
             b = ops.multiply(b, self.scale)
-        return ops.matmul(ops.take(self.a, index, axis=0), b)
+        if a_training is not None and a_training.trains:
+            a_rows = a_training.rows(index, touched)
+        else:
+            a_rows = _runs.gather_rows(self.a, index, training)
+        return ops.matmul(a_rows, b)
 
     def project(self, hidden):
         """The delta of the projection `hidden @ (scale * A @ B)^T`, as

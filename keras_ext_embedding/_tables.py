@@ -31,7 +31,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_ext_embedding import _checkpoint, _projection, _quantization
+from keras_ext_embedding import _checkpoint, _projection, _quantization, _runs
 
 FLOAT_SHAPE_HINT = (
     "Build the layer with the input_dim and output_dim the table was made for."
@@ -178,7 +178,10 @@ class FloatTable(_Table):
         layer = self.layer
         forward = self.placement is FORWARD
         # As Keras: only the forward table takes the regularizer and
-        # constraint.
+        # constraint. A row-sparse table is read without autocasting: its
+        # step writes the whole variable back, which a model's mixed
+        # precision scope would otherwise round to the compute dtype.
+        row_sparse = forward and layer._row_sparse_rule is not None
         variable = layer.add_weight(
             shape=self.placement.shape((layer.input_dim, layer.output_dim)),
             initializer=layer.embeddings_initializer,
@@ -186,6 +189,7 @@ class FloatTable(_Table):
             regularizer=layer.embeddings_regularizer if forward else None,
             constraint=layer.embeddings_constraint if forward else None,
             trainable=True,
+            autocast=not row_sparse,
         )
         self.placement.set(layer, "embeddings", variable)
 
@@ -202,8 +206,8 @@ class FloatTable(_Table):
         """The dtype of `rows`, before the layer casts to its compute dtype."""
         return self.variable.dtype
 
-    def rows(self, index):
-        return ops.take(self.variable, index, axis=0)
+    def rows(self, index, training=None):
+        return _runs.gather_rows(self.variable, index, training)
 
     def project(self, hidden, dtype, inputs_quantizer=None):
         """`hidden @ table^T`, `(..., output_dim) -> (..., input_dim)`, in
@@ -333,7 +337,8 @@ class _QuantizedTable(_Table):
     def row_dtype(self):
         return "float32"  # rows are dequantized in float32
 
-    def rows(self, index):
+    def rows(self, index, training=None):
+        # A quantized table is frozen: `training` changes nothing.
         return self._rows(lambda variable: _gather_rows(variable, index))
 
     def project(self, hidden, dtype, inputs_quantizer=None):

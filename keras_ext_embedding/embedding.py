@@ -1,10 +1,18 @@
+import copy
 import warnings
 
 import keras
 import numpy as np
 from keras import ops
 
-from keras_ext_embedding import _checkpoint, _ids, _lora, _quantization, _tables
+from keras_ext_embedding import (
+    _checkpoint,
+    _ids,
+    _lora,
+    _quantization,
+    _row_sparse,
+    _tables,
+)
 from keras_ext_embedding._arguments import (
     check_choice,
     check_positive_int,
@@ -95,6 +103,20 @@ class Embedding(keras.layers.Layer):
             `layer.quantize(mode, config=...)` sets it.
         invalid_ids: `"raise"` (default) or `"zeros"`. How ids outside
             `[0, input_dim)` or non-whole float ids are handled, see above.
+        optimizer: Optional. `None` (default): the table trains densely
+            with the model's optimizer, as in Keras. `"sgd"`, `"adagrad"`,
+            `"adam"` or a `keras.optimizers.SGD`, `Adagrad` or `Adam`
+            instance (learning-rate schedules included): the table trains
+            row-sparsely with this optimizer of its own, independent of the
+            model's, stepping only the rows a batch looked up (repeated ids
+            summed first), so a step costs the batch, not the vocabulary.
+            SGD and Adagrad give the dense result; Adam is lazy Adam (as
+            `LazyAdam` and `torch.optim.SparseAdam`: rows of ids absent
+            from a batch, and their moments, do not move). With LoRA, the
+            adapter `A` trains this way and `B` with the model's optimizer.
+            The model optimizer's clipping, weight decay and learning-rate
+            callbacks do not reach the table. Invalid ids and masked
+            padding never train a row. See the guide "Training big tables".
         **kwargs: Base layer keyword arguments, such as `name`, `dtype`,
             `trainable` and `activity_regularizer`.
 
@@ -124,6 +146,7 @@ class Embedding(keras.layers.Layer):
         lora_alpha=None,
         quantization_config=None,
         invalid_ids="raise",
+        optimizer=None,
         **kwargs,
     ):
         check_positive_int("input_dim", input_dim)
@@ -134,6 +157,12 @@ class Embedding(keras.layers.Layer):
             check_positive_number("lora_alpha", lora_alpha)
         check_choice("invalid_ids", invalid_ids, INVALID_IDS_MODES)
         _quantization.check_config(quantization_config)
+        layer_name = kwargs.get("name") or type(self).__name__
+        row_sparse_rule = _row_sparse.resolve(optimizer, layer_name)
+        if row_sparse_rule is not None:
+            _row_sparse.check_layer_arguments(
+                layer_name, embeddings_regularizer, embeddings_constraint
+            )
         input_length = kwargs.pop("input_length", None)
         if input_length is not None:
             warnings.warn(
@@ -141,6 +170,8 @@ class Embedding(keras.layers.Layer):
                 stacklevel=2,
             )
         super().__init__(**kwargs)
+        if row_sparse_rule is not None:
+            _row_sparse.check_dtype_policy(self.name, self.dtype_policy)
         mode = self.quantization_mode
         if quantization_config is not None and mode not in (
             None,
@@ -165,6 +196,20 @@ class Embedding(keras.layers.Layer):
         self.lora_enabled = False
         self.quantization_config = quantization_config
         self.invalid_ids = invalid_ids
+        # As passed (a name) or serialized (an optimizer): the layer keeps
+        # no optimizer object, which saving would walk as part of the layer.
+        self.optimizer = (
+            None
+            if row_sparse_rule is None
+            else optimizer.lower()
+            if isinstance(optimizer, str)
+            else _row_sparse.serialize(row_sparse_rule)
+        )
+        self._row_sparse_rule = row_sparse_rule
+        # The row-sparse training state of the table and of LoRA's A (slots
+        # and step counter), while they train with `optimizer`.
+        self._table_training = None
+        self._lora_training = None
         # The table's format (its variables, rows, checkpoint entries) and,
         # while LoRA is enabled, the adapters: the pieces a lookup composes.
         self._table = _tables.FloatTable(self)
@@ -188,6 +233,7 @@ class Embedding(keras.layers.Layer):
         else:
             for table in self._tables():
                 table.build()
+            self._build_table_training()
         self.built = True
         if self.lora_rank:
             self.enable_lora(self.lora_rank, lora_alpha=self.lora_alpha)
@@ -267,15 +313,15 @@ class Embedding(keras.layers.Layer):
                 self._dtype_policy = previous
             raise
 
-    def call(self, inputs):
+    def call(self, inputs, training=None):
         if hasattr(inputs, "with_flat_values"):
             # A tf.RaggedTensor: look up its flat values, keep its row splits.
-            return inputs.with_flat_values(self._lookup(inputs.flat_values))
+            return inputs.with_flat_values(self._lookup(inputs.flat_values, training))
         if hasattr(inputs, "dense_shape") or hasattr(inputs, "todense"):
             # Sparse ids (tf.SparseTensor, jax BCOO) are densified as Keras
             # does: a missing entry is id 0.
             inputs = ops.convert_to_tensor(inputs, sparse=False)
-        return self._lookup(inputs)
+        return self._lookup(inputs, training)
 
     def quantized_call(self, inputs, *args, **kwargs):
         # Keras routes a layer with a quantized dtype policy here instead of
@@ -358,6 +404,13 @@ class Embedding(keras.layers.Layer):
         self._adapters.build(b_initializer)
         for table in self._tables():
             table.freeze()
+        if self._table_training is not None:
+            self._table_training.set_trainable(False)
+        if self._row_sparse_rule is not None:
+            self._lora_training = _row_sparse.RowSparseState(
+                self, self._row_sparse_rule, "lora_embeddings_a"
+            )
+            self._lora_training.build(self._adapters.a)
         self._tracker.lock()
         self.lora_enabled = True
 
@@ -400,10 +453,15 @@ class Embedding(keras.layers.Layer):
         self.lora_embeddings_b.assign(ops.zeros(self.lora_embeddings_b.shape))
         self._tracker.unlock()
         self._adapters.remove()
+        if self._lora_training is not None:
+            self._lora_training.remove()
+            self._lora_training = None
         self._tracker.lock()
         self._adapters = None
         for table in self._tables():
             table.unfreeze()
+        if self._table_training is not None:
+            self._table_training.set_trainable(True)
         self.lora_enabled = False
         self.lora_rank = None
         self.lora_alpha = None
@@ -463,6 +521,10 @@ class Embedding(keras.layers.Layer):
         float_variables = [table.variable for table in self._tables()]
         for table in self._tables():
             table.remove()
+        if self._table_training is not None:
+            # A quantized table is frozen: its slots go with the float table.
+            self._table_training.remove()
+            self._table_training = None
         self.quantized_build((self.input_dim, self.output_dim), mode, config)
         for table, table_arrays in zip(self._tables(), arrays, strict=True):
             table.assign_quantized(table_arrays)
@@ -513,6 +575,11 @@ class Embedding(keras.layers.Layer):
             entries += self._adapters.stored()
         for index, entry in enumerate(entries):
             store[str(index)] = entry
+        # Row-sparse slots and step counters under their names, after the
+        # numbered entries Keras reads.
+        for training in self._trainings():
+            for key, variable in training.stored():
+                store[key] = variable
 
     def load_own_variables(self, store):
         if not self.built:
@@ -528,6 +595,12 @@ class Embedding(keras.layers.Layer):
         # checkpoint leaves the layer as it was.
         tables = self._tables()
         stored = [pair for table in tables for pair in table.stored()]
+        store, named = _checkpoint.split_named(store)
+        trainings = self._trainings()
+        training_entries = [
+            _checkpoint.read_named(self.name, named, training.stored())
+            for training in trainings
+        ]
         entries = _checkpoint.read_entries(
             store,
             self.name,
@@ -542,6 +615,8 @@ class Embedding(keras.layers.Layer):
             start += count
             table.check_stored(bases[-1])
         lora = entries[start:]
+        for training, arrays in zip(trainings, training_entries, strict=True):
+            training.assign_stored(arrays)
         if not lora:
             for table, base in zip(tables, bases, strict=True):
                 table.assign_stored(base)
@@ -614,6 +689,9 @@ class Embedding(keras.layers.Layer):
             config["lora_alpha"] = self.lora_alpha
         if self.invalid_ids != "raise":
             config["invalid_ids"] = self.invalid_ids
+        if self.optimizer is not None:
+            # A copy: Keras's deserialization rewrites a config in place.
+            config["optimizer"] = copy.deepcopy(self.optimizer)
         return {**base_config, **config}
 
     @classmethod
@@ -630,6 +708,20 @@ class Embedding(keras.layers.Layer):
         """The layer's tables, in checkpoint order: the lookup's table."""
         return [self._table]
 
+    def _trainings(self):
+        """The row-sparse training states of the layer's variables."""
+        return [t for t in (self._table_training, self._lora_training) if t]
+
+    def _build_table_training(self):
+        """Gives the float lookup table its row-sparse slots (with
+        `optimizer=`)."""
+        if self._row_sparse_rule is None or self._table.quantized:
+            return
+        self._table_training = _row_sparse.RowSparseState(
+            self, self._row_sparse_rule, "embeddings"
+        )
+        self._table_training.build(self._table.variable)
+
     def _tables_description(self):
         """What the layer holds, for error messages."""
         return self._table.description
@@ -643,7 +735,7 @@ class Embedding(keras.layers.Layer):
         self._check_table_shape(weights, "`weights`")
         self._table.assign_float(weights)
 
-    def _lookup(self, ids):
+    def _lookup(self, ids, training=None):
         dtype = _ids.check_ids_dtype(ids.dtype, self.input_dim, self.name)
         checked = self.invalid_ids == "raise" and _ids.eager_check(
             ids, self.input_dim, self.name
@@ -653,14 +745,31 @@ class Embedding(keras.layers.Layer):
         # zeroed below.
         valid = None if checked else _ids.valid_mask(ids, dtype, self.input_dim)
         index = _ids.gather_index(ids, dtype, valid, self.input_dim)
-        outputs = self._table.rows(index)
+        touched = self._touched(index, valid)
+        table_training = self._table_training
+        if table_training is not None and table_training.trains:
+            outputs = table_training.rows(index, touched)
+        else:
+            outputs = self._table.rows(index, training)
         if self._adapters is not None:
-            outputs = ops.add(outputs, self._adapters.rows(index))
+            delta = self._adapters.rows(index, training, self._lora_training, touched)
+            outputs = ops.add(outputs, delta)
         if self._lookup_dtype() != self.compute_dtype:
             outputs = ops.cast(outputs, self.compute_dtype)
         if valid is not None:
             outputs = _ids.zero_invalid_rows(outputs, valid)
         return outputs
+
+    def _touched(self, index, valid):
+        """The positions whose ids a row-sparse step may move: valid ids that
+        are not masked padding (None: all of them)."""
+        if not self._trainings():
+            return None
+        touched = valid
+        if self.mask_zero:
+            padding = ops.not_equal(index, 0)
+            touched = padding if touched is None else ops.logical_and(touched, padding)
+        return touched
 
     def _lookup_dtype(self):
         """The dtype of looked-up rows before the cast to the compute dtype."""

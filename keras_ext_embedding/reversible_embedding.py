@@ -124,6 +124,16 @@ class ReversibleEmbedding(Embedding):
             )
         if reverse_dtype is not None:
             reverse_dtype = _float_dtype(reverse_dtype)
+        if tie_weights and kwargs.get("optimizer") is not None:
+            # The tied projection's dense gradient would add to the stepped
+            # table that the row-sparse lookup returns as its gradient.
+            raise ValueError(
+                "A tied `ReversibleEmbedding` cannot train its table with "
+                "`optimizer=`: the reverse projection reads every row, so its "
+                "gradient is dense. Pass tie_weights=False (the forward table "
+                "then trains row-sparsely, `reverse_embeddings` with the "
+                "model's optimizer), or optimizer=None."
+            )
         # Before the base's __init__, which builds the tables when given
         # `weights`.
         self.tie_weights = tie_weights
@@ -163,9 +173,9 @@ class ReversibleEmbedding(Embedding):
         finally:
             self._reversing = False
 
-    def call(self, inputs, reverse=False):
+    def call(self, inputs, reverse=False, training=None):
         if not reverse:
-            return super().call(inputs)
+            return super().call(inputs, training=training)
         return self._project(inputs)
 
     def compute_mask(self, inputs, mask=None):
