@@ -8,7 +8,7 @@ the result is one JSON object on the last line of stdout.
 
     KERAS_BACKEND=jax python benchmarks/bench_backend.py --quick
     KERAS_BACKEND=jax python benchmarks/bench_backend.py --sections vocab_scaling
-    KERAS_BACKEND=tensorflow python benchmarks/bench_backend.py --quick --sections training
+    KERAS_BACKEND=torch python benchmarks/bench_backend.py --quick --sections training
     KERAS_BACKEND=torch python benchmarks/bench_backend.py --memory int4:ours
     KERAS_BACKEND=jax python benchmarks/bench_backend.py --reverse-memory int8:keras
 

@@ -33,6 +33,40 @@ DECODING_LABELS = {
 }
 
 
+# The training section's variants (training.VARIANTS, and PyTorch's own).
+TRAINING_LABELS = {
+    "keras": "keras.layers.Embedding, Adam",
+    "dense": "ours, optimizer=None (Adam)",
+    "sgd": "ours, optimizer='sgd'",
+    "adagrad": "ours, optimizer='adagrad'",
+    "adam": "ours, optimizer='adam'",
+    "lora": "ours + LoRA 8, Adam",
+    "lora_adam": "ours + LoRA 8, optimizer='adam'",
+    "native": "torch: Embedding(sparse=True), SparseAdam",
+}
+# Shorter, for table headers.
+TRAINING_COLUMNS = {
+    "keras": "keras Adam",
+    "dense": "ours Adam",
+    "sgd": "ours 'sgd'",
+    "adagrad": "ours 'adagrad'",
+    "adam": "ours 'adam'",
+    "lora": "LoRA Adam",
+    "lora_adam": "LoRA 'adam'",
+    "native": "torch SparseAdam",
+}
+# The layers of the lookup-after-training part (its models train with SGD).
+LOOKUP_LAYER_LABELS = {
+    "keras": "keras.layers.Embedding",
+    "dense": "ours, optimizer=None",
+    "sgd": "ours, optimizer='sgd'",
+}
+LOOKUP_CALL_LABELS = {
+    "predict_on_batch": "predict_on_batch",
+    "eager": "eager layer(ids)",
+}
+
+
 def native_op(backend, mode):
     name = NATIVE_OPS[mode]
     return name[backend] if isinstance(name, dict) else name

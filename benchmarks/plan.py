@@ -151,11 +151,12 @@ QUICK = {
     "scaling_reps": {1_000: 3, 10_000: 3, 100_000: 3},
     "lora_case_size": 100_000,
     "settle_from": 100_000,
-    # Every variant and (TensorFlow) jit mode compiles its own train step:
-    # one size, interleaved, then one built alone.
-    "training_sizes": (1_000, 5_000),
-    "training_reps": {1_000: 2, 5_000: 2},
-    "training_alone_from": 5_000,
+    # Every variant and (TensorFlow) jit mode traces and compiles its own
+    # train step, seconds each: one size, each variant built alone (the
+    # path of the full run's largest size).
+    "training_sizes": (1_000,),
+    "training_reps": {1_000: 2},
+    "training_alone_from": 1_000,
     "training_case_size": 1_000,
     "bandwidth_bytes": 16 * 2**20,
     "after_training_size": 5_000,

@@ -20,6 +20,7 @@ from labels import (
     MEMORY_LABELS,
     PLOTTED_COMPILED_MODE,
     REVERSE_LABELS,
+    TRAINING_LABELS,
     rows_label,
 )
 from matplotlib.ticker import FuncFormatter
@@ -376,16 +377,146 @@ def decoding(results, path):
     finish(figure, "Greedy decoding, 2-layer GemmaCausalLM (keras-hub)", path)
 
 
-def finish(figure, title, path):
+# Training variants: (colour, line style, marker).
+TRAINING_LINES = {
+    "keras": (KERAS, "-", "s"),
+    "dense": (OURS, "-", "o"),
+    "sgd": ("tab:green", "-", "^"),
+    "adagrad": ("tab:purple", "-", "v"),
+    "adam": ("tab:red", "-", "D"),
+    "lora": (OURS, "--", "o"),
+    "lora_adam": ("tab:red", "--", "D"),
+    "native": ("black", ":", "x"),
+}
+
+
+# The lookup bars' layers, on two lines with the call ("predict", "eager").
+LOOKUP_BAR_LABELS = {"keras": "keras", "dense": "ours None", "sgd": "ours 'sgd'"}
+
+
+def training_panel(axes, rows, title):
+    """Log-log ms per step against rows, one line per variant, and the
+    one-pass floors of a dense and a row-sparse Adam step."""
+    axes.set_title(title)
+    rows = sorted(rows, key=lambda row: row["input_dim"])
+    sizes = [row["input_dim"] for row in rows]
+    for name, (colour, style, marker) in TRAINING_LINES.items():
+        points = [(r["input_dim"], r[name]["median_ms"]) for r in rows if name in r]
+        if points:
+            axes.plot(
+                *zip(*points, strict=True),
+                style,
+                color=colour,
+                marker=marker,
+                label=TRAINING_LABELS[name],
+            )
+    for floor, style, label in (
+        ("dense_adam", "--", "one pass over table + Adam moments"),
+        ("row_sparse_adam", ":", "one pass over the batch's rows + moments"),
+    ):
+        axes.plot(
+            sizes,
+            [row["floor_ms"][floor] for row in rows],
+            style,
+            color=FLOOR,
+            linewidth=1.5,
+            label=label,
+        )
+    axes.set_xscale("log")
+    axes.set_yscale("log")
+    plain_y_labels(axes)
+    axes.set_xlabel("vocabulary size (rows, output_dim=128)")
+    axes.set_ylabel("median time per training step (ms)")
+    axes.grid(True, which="major", alpha=0.3)
+
+
+def training_scaling(results, path):
+    """One panel per backend and mode (TensorFlow: without and with XLA)."""
+    panels = []
+    for backend, result in results.items():
+        rows = result.get("training", [])
+        modes = list(dict.fromkeys(row["mode"] for row in rows))
+        for mode in modes:
+            mode_rows = [row for row in rows if row["mode"] == mode]
+            panels.append((f"{BACKEND_TITLES[backend]}: {mode}", mode_rows))
+        if not modes:
+            panels.append((BACKEND_TITLES[backend], []))
+    figure, grid = plt.subplots(
+        1, len(panels), figsize=(5 * len(panels), 6), squeeze=False
+    )
+    for axes, (title, rows) in zip(grid[0], panels, strict=True):
+        if rows:
+            training_panel(axes, rows, title)
+        else:
+            empty_panel(axes, title, "not measured")
+    finish(
+        figure,
+        "One training step (Embedding(V, 128) -> GlobalAveragePooling1D -> "
+        "Dense(1), 64 x 32 ids)",
+        path,
+        legend_columns=4,
+    )
+
+
+def lookup_after_training(results, path):
+    """Per backend: each layer's lookup time before and after one training
+    step with SGD, grouped by layer and call."""
+    figure, grid = plt.subplots(
+        1, len(results), figsize=(5.5 * len(results), 5.5), squeeze=False
+    )
+    for column, (backend, result) in enumerate(results.items()):
+        axes = grid[0][column]
+        rows = result.get("lookup_after_training", [])
+        title = BACKEND_TITLES[backend]
+        if not rows:
+            empty_panel(axes, title, "not measured")
+            continue
+        groups = [
+            f"{LOOKUP_BAR_LABELS[row['variant']]}\n{row['call'].split('_')[0]}"
+            for row in rows
+        ]
+        series = [
+            (label, colour, None, [row[time]["median_ms"] for row in rows])
+            for time, label, colour in (
+                ("before", "fresh model", "tab:cyan"),
+                ("after", "after one train_on_batch (SGD)", "tab:red"),
+            )
+        ]
+        grouped_bars(axes, groups, series)
+        axes.set_xticklabels(groups, rotation=0, ha="center", fontsize="small")
+        axes.set_title(f"{title}: {rows_label(rows[0]['input_dim'])} rows")
+        axes.set_yscale("log")
+        plain_y_labels(axes)
+        axes.set_ylabel("median time per lookup (ms, log scale)")
+        axes.grid(True, axis="y", which="both", alpha=0.3)
+    finish(
+        figure,
+        "Lookups (64 x 32 ids): predict_on_batch and an eager layer(ids), before "
+        "and after one training step",
+        path,
+    )
+
+
+def finish(figure, title, path, legend_columns=None):
+    """Titles, lays out and saves the figure. A figure whose first panel has
+    no legend of its own gets one below its panels: every line once, in
+    `legend_columns` columns (default: two per panel column)."""
     figure.suptitle(title)
-    handles, labels = figure.axes[0].get_legend_handles_labels()
+    # Every label of every panel, once (a PyTorch panel has a line more).
+    shown = {}
+    for axes in figure.axes:
+        for handle, label in zip(*axes.get_legend_handles_labels(), strict=True):
+            shown.setdefault(label, handle)
+    handles, labels = list(shown.values()), list(shown)
     if handles and not figure.axes[0].get_legend():
         # Scaling figures: one legend for all panels, which share their lines.
-        columns = figure.axes[0].get_gridspec().ncols
-        figure.legend(
-            handles, labels, loc="lower center", ncol=min(len(handles), 2 * columns)
-        )
-        figure.tight_layout(rect=(0, 0.06, 1, 1))
+        columns = legend_columns or 2 * figure.axes[0].get_gridspec().ncols
+        columns = min(len(handles), columns)
+        figure.legend(handles, labels, loc="lower center", ncol=columns)
+        # Room for the legend's rows: about a quarter inch each.
+        rows = math.ceil(len(handles) / columns)
+        bottom = max(0.06, 0.03 + 0.25 * rows / figure.get_figheight())
+        figure.tight_layout(rect=(0, bottom, 1, 1))
     else:
         figure.tight_layout()
     figure.savefig(path, dpi=DPI)
@@ -408,6 +539,16 @@ FIGURES = {
         native_floor,
         "Lookup time relative to the backend's own op",
         "native_floor",
+    ),
+    "training_scaling": (
+        training_scaling,
+        "Training-step time against vocabulary size, dense and row-sparse",
+        "training",
+    ),
+    "lookup_after_training": (
+        lookup_after_training,
+        "Lookup time before and after one training step",
+        "lookup_after_training",
     ),
     "memory": (memory, "Table bytes and peak memory of one forward pass", "memory"),
     "reverse_projection": (

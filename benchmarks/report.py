@@ -10,8 +10,12 @@ beside the page): MkDocs's strict mode rejects links outside `docs/`.
 from labels import (
     BACKEND_TITLES,
     DECODING_LABELS,
+    LOOKUP_CALL_LABELS,
+    LOOKUP_LAYER_LABELS,
     MEMORY_LABELS,
     REVERSE_LABELS,
+    TRAINING_COLUMNS,
+    TRAINING_LABELS,
     native_op,
 )
 
@@ -64,6 +68,9 @@ def headline_section(data):
     def compiled(ratios):
         modes = [mode for mode in ratios if mode != "eager"]
         return " / ".join(number(ratios[mode], "x") for mode in modes) or "-"
+
+    def compiled_all(ratios):
+        return " / ".join(number(ratio, "x") for ratio in ratios.values()) or "-"
 
     def native(field, compiled_modes):
         def cell(entry):
@@ -133,6 +140,20 @@ def headline_section(data):
                 decoding,
             ),
         ]
+    training_size = summary.get("training_input_dim")
+    if training_size:
+        rows.append(
+            line(
+                f"training step, {training_size:,} rows: Keras dense Adam time / "
+                "ours `optimizer='adam'`",
+                lambda b: compiled_all(b.get("training_speedup", {})),
+            )
+        )
+    training_note = ""
+    if training_size:
+        training_note = """ The training row is one `train_on_batch` of
+`Embedding -> GlobalAveragePooling1D -> Dense(1)`, the Dense layer trained
+by the model's Adam in both (TensorFlow: `jit_compile=False` / `True`)."""
     header = ["", *(BACKEND_TITLES[b] for b in backends)]
     return f"""## Headline
 
@@ -144,7 +165,7 @@ tables below (`tf.function` / `tf.function` with XLA; `jax.jit`;
 layer: 1.0 means no overhead. The reverse-projection rows are of a tied
 `ReversibleEmbedding` of `output_dim=512` on the hidden states of one
 decoding step (`8 x 512`); their floor is `keras.ops.einsum` of the hidden
-states with the float32 table.
+states with the float32 table.{training_note}
 
 {table(header, "l" * len(header), rows)}"""
 
@@ -361,6 +382,152 @@ mode, and ours checks the ids (`invalid_ids="raise"`) or masks invalid ones
 {figure(images, "native_floor")}
 
 {native_table(data)}"""
+
+
+def training_cell(row, name):
+    """`median ± IQR/2 (Keras's time over this one)` of a variant."""
+    if name not in row:
+        return "-"
+    if name == "keras":
+        return milliseconds(row[name])
+    return f"{milliseconds(row[name])} ({number(1 / row['over_keras'][name], 'x')})"
+
+
+def training_table(rows):
+    """One backend's steps: each variant's time and, in parentheses, Keras's
+    dense Adam time over it; then the one-pass floors."""
+    names = [name for name in TRAINING_LABELS if any(name in row for row in rows)]
+    cells = [
+        [
+            f"{row['input_dim']:,}",
+            row["mode"],
+            row["keras"]["reps"],
+            *(training_cell(row, name) for name in names),
+            number(row["floor_ms"]["dense_adam"]),
+            number(row["floor_ms"]["row_sparse_adam"]),
+        ]
+        for row in rows
+    ]
+    header = ["rows", "mode", "reps", *(f"{TRAINING_COLUMNS[n]} (ms)" for n in names)]
+    header += ["one pass: dense Adam (ms)", "one pass: row-sparse Adam (ms)"]
+    return table(header, "llr" + "r" * (len(names) + 2), cells)
+
+
+def training_tables(data):
+    parts = []
+    for backend, result in data["results"].items():
+        rows = result.get("training", [])
+        if rows:
+            parts.append(f"### {BACKEND_TITLES[backend]}\n\n{training_table(rows)}")
+    return "\n\n".join(parts)
+
+
+def physical_limit(data):
+    """The one-pass floor in words, at the headline's size (or the largest
+    measured), from the first backend that measured it."""
+    rows = list(backend_rows(data, "training"))
+    if not rows:
+        return ""
+    sizes = {row["input_dim"] for _, row in rows}
+    size = data["settings"].get("training_case_size")
+    size = size if size in sizes else max(sizes)
+    backend, row = next((b, r) for b, r in rows if r["input_dim"] == size)
+    unique = row["unique_ids"]
+    floor = row["floor_ms"]
+    return f"""The floor of a step is one pass over the bytes it must read and
+write, at the memory bandwidth a NumPy copy reaches in the same process
+(the "one pass" columns). At {size:,} rows a dense Adam step reads and
+writes the table and both moments, `6 x {size:,} x 128 x 4` bytes =
+{number(6 * size * 128 * 4 / 1e9)} GB: {number(floor["dense_adam"])} ms at
+the {number(row["bandwidth_gb_s"])} GB/s of the {BACKEND_TITLES[backend]}
+process. A row-sparse Adam step must touch only the batch's {unique:,}
+distinct rows of them, `6 x {unique:,} x 128 x 4` bytes =
+{number(6 * unique * 128 * 4 / 1e6)} MB: {number(floor["row_sparse_adam"])}
+ms, whatever the vocabulary. Above that, a row-sparse step pays the model's
+and the framework's per-step cost (the same at every size) and, on
+TensorFlow without XLA and on PyTorch, the copies above."""
+
+
+def lookup_after_table(data):
+    rows = [
+        [
+            backend,
+            f"{row['input_dim']:,}",
+            LOOKUP_LAYER_LABELS[row["variant"]],
+            LOOKUP_CALL_LABELS[row["call"]],
+            row["before"]["reps"],
+            milliseconds(row["before"]),
+            milliseconds(row["after"]),
+            number(row["slowdown"], "x"),
+        ]
+        for backend, row in backend_rows(data, "lookup_after_training")
+    ]
+    header = ["backend", "rows", "layer", "call", "reps", "before (ms)"]
+    header += ["after one step (ms)", "after/before"]
+    return table(header, "lrllrrrr", rows)
+
+
+def training_sections(data, images):
+    rows = [row for _, row in backend_rows(data, "training")]
+    lookups = [row for _, row in backend_rows(data, "lookup_after_training")]
+    sizes = ", ".join(f"{s:,}" for s in data["settings"].get("training_sizes", ()))
+    size = f"{lookups[0]['input_dim']:,}" if lookups else "-"
+    tables = not_measured(rows, "training") or training_tables(data)
+    lookup_table = not_measured(lookups, "training") or lookup_after_table(data)
+    return f"""## Training big tables
+
+One `model.train_on_batch(ids, targets)` of `Input((32,), int32) ->
+Embedding(V, 128) -> GlobalAveragePooling1D -> Dense(1)`, MSE, the model
+compiled with Adam, at {sizes or "-"} rows: `keras.layers.Embedding` and
+ours with `optimizer=None` (both trained densely by the model's Adam); ours
+with `optimizer="sgd"`, `"adagrad"` and `"adam"` (the table steps only the
+rows the batch looked up, with its own rule; the model's Adam trains the
+Dense layer); ours with `lora_rank=8`, dense (`A` and `B` trained by the
+model's Adam, the table frozen) and with `optimizer="adam"` (`A` stepped
+row by row). On PyTorch, "torch SparseAdam" is PyTorch's own sparse
+embedding training, the floor of the layers' steps: a plain `torch.nn`
+module, `nn.Embedding(V, 128, sparse=True)` + mean + `nn.Linear(128, 1)`,
+`torch.optim.SparseAdam` for the table and `Adam` for the linear layer (one
+step: `zero_grad`, forward, MSE, `backward`, both `step`s). TensorFlow runs
+every variant with `compile(jit_compile=False)` (Keras's default on a CPU)
+and `jit_compile=True`. In parentheses: Keras's dense Adam time over the
+variant's (above 1: faster than Keras).
+
+A dense step costs in proportion to the vocabulary: autodiff of the gather
+gives an `input_dim x 128` gradient (TensorFlow an `IndexedSlices`, which
+Keras's Adam densifies) and Adam updates every row of the table and its two
+moments. A row-sparse step reads and writes only the looked-up rows: under
+XLA (JAX, TensorFlow with `jit_compile=True`) its cost follows the batch.
+TensorFlow without XLA (`tensor_scatter_nd_update`) copies each stepped
+variable once per step, PyTorch (functional scatter, then the optimizer's
+`assign`) twice: still cheaper than a dense Adam step, but growing with the
+vocabulary. Adam with `optimizer="adam"` is lazy Adam (see the guide
+"Training big tables"): not the same table as dense Adam.
+
+{physical_limit(data)}
+
+{figure(images, "training_scaling")}
+
+{tables}
+
+## Lookups after a training step
+
+`input_dim={size}`: `predict_on_batch(ids)` and an eager `layer(ids)` of
+fresh models (compiled with `SGD(0.01)`, Keras's default execution; one
+model per layer and call), timed before and after one `train_on_batch`,
+for Keras's layer, ours with `optimizer=None` and ours with
+`optimizer="sgd"`. On TensorFlow, Keras's
+SGD applies the `IndexedSlices` gradient of a dense table as a sparse
+update, which switches the variable to copy-on-read: from then on every
+dense read of it copies the whole table, and `ops.take` on the variable
+(Keras's lookup) reads it densely. Ours gathers from `variable.value`,
+which a traced function reads sparsely; with `optimizer=` the table is
+assigned, never sparsely updated. JAX and PyTorch have no such mode: their
+rows are for comparison.
+
+{figure(images, "lookup_after_training")}
+
+{lookup_table}"""
 
 
 def memory_sections(data, images):
@@ -608,12 +775,11 @@ METHOD = """## How it is measured
   TensorFlow). On TensorFlow, a sparse read of a variable (`tf.gather` on
   it) or a sparse update (an optimizer applying the `IndexedSlices`
   gradient of an embedding) switches the variable to copy-on-read, and from
-  then on every dense read copies the whole table. Keras's `ops.take`, which
-  both layers use, converts the variable to a tensor (a dense read) before
-  its gather, so after one training step both layers' lookups copy the
-  table: measured at 1,000,000 rows on this machine, Keras's eager lookup
-  went from 0.45 ms to 51 ms, its `tf.function` lookup from 0.25 ms to
-  26 ms, and ours alike (keras-team/keras#15376 reports the copy in Keras 2).
+  then on every dense read copies the whole table. Keras's layer gathers
+  with `ops.take` on the variable, which converts it to a tensor (a dense
+  read) first, so after one training step its lookups copy the table
+  (keras-team/keras#15376 reports the copy in Keras 2); ours gathers from
+  `variable.value`. "Lookups after a training step" above measures both.
   The timings here are of fresh layers.
 - **lora_forward / scaling**: `lora_rank=8` for both layers, with a non-zero
   `B` so that the delta is real work; eager and compiled as above. One size
@@ -633,6 +799,19 @@ METHOD = """## How it is measured
   repetition. Keras's default execution per backend: XLA on JAX,
   `tf.function` without XLA on a TensorFlow CPU, eager on PyTorch (where
   ours checks the ids on the host at every step).
+- **Training big tables**: every variant's model is built from seeded
+  initializers (the table: Keras's `uniform` range; the Dense kernel:
+  Glorot), the PyTorch module given the same arrays, and the first step's
+  losses are checked equal (within `rtol=1e-4`) before any timing; that
+  first call traces and compiles (`first_call_s` in the JSON). Below
+  4,000,000 rows the variants of a mode are timed together in rotating
+  order; at 4,000,000 rows (6 GiB for a table and Adam's moments) each one
+  is built, timed and freed alone, so that one model at a time is alive.
+  The "one pass" floor is the bytes a step must read and write over the
+  bandwidth of `numpy.copyto` of a 256 MiB array (read and written) in the
+  same process. The lookup part's models are fresh, compiled with
+  `SGD(0.01)` and Keras's default execution; its six calls are timed
+  together before the training step and again after it.
 - From 1M rows on, each timed call follows an untimed call of the same
   callable. There a Keras call leaves work running after it returns
   (gigabytes of temporaries to free), which slowed whatever call came next:
@@ -691,6 +870,7 @@ def markdown(data, images):
         headline_section(data),
         machine_section(data),
         speed_sections(data, images),
+        training_sections(data, images),
         memory_sections(data, images),
         reverse_sections(data, images),
         METHOD,

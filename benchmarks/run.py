@@ -7,8 +7,10 @@ writes `benchmarks.md`, `benchmarks.json` and the figures in `img/` to the
 output directory. The `reverse_projection` section benchmarks
 `keras_ext_embedding.ReversibleEmbedding` against
 `keras.layers.ReversibleEmbedding` (logits, their peak memory, and greedy
-decoding with a keras-hub causal LM): about an hour of a full run, the other
-sections about 20 minutes.
+decoding with a keras-hub causal LM): about an hour of a full run. The
+`training` section times one training step of big tables (dense, and
+row-sparse with `Embedding(optimizer=...)`) up to 4M rows, and lookups
+after a training step. The other sections take about 20 minutes.
 
     python benchmarks/run.py                      # full run, docs/, ~80 min
     python benchmarks/run.py --quick              # smoke run, a temporary dir

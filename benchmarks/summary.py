@@ -75,16 +75,28 @@ def decoding_speedups(rows):
     return {row["format"]: speedup(row) for row in rows}
 
 
+def training_speedups(rows, input_dim):
+    """Keras's dense Adam step time over the step of our row-sparse Adam
+    (`optimizer="adam"`) at `input_dim` rows, per mode."""
+    return {
+        row["mode"]: 1 / row["over_keras"]["adam"]
+        for row in rows
+        if row["input_dim"] == input_dim
+    }
+
+
 def headline(results, settings):
     lora_size = settings["lora_case_size"]
     native_size = max(settings["native_sizes"])
     reverse_size = max(settings["reverse_sizes"])
+    training_size = settings["training_case_size"]
     return {
         "lora_input_dim": lora_size,
         "native_input_dim": native_size,
         "quantized_input_dim": settings["quantized_size"],
         "reverse_input_dim": reverse_size,
         "decoding_vocab": settings["decoding_vocab"],
+        "training_input_dim": training_size,
         "backends": {
             backend: {
                 "lora_speedup": lora_speedups(
@@ -96,6 +108,9 @@ def headline(results, settings):
                     result.get("reverse_projection", []), reverse_size
                 ),
                 "decoding_speedup": decoding_speedups(result.get("decoding", [])),
+                "training_speedup": training_speedups(
+                    result.get("training", []), training_size
+                ),
             }
             for backend, result in results.items()
         },

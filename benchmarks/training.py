@@ -146,7 +146,7 @@ def native_step(input_dim, ids, y):
     kernel = ops.convert_to_numpy(kernel_initializer()((OUTPUT_DIM, 1)))
 
     class Model(torch.nn.Module):
-        def __init__(self):
+        def __init__(self, table, kernel):
             super().__init__()
             self.embedding = torch.nn.Embedding.from_pretrained(
                 torch.from_numpy(table), freeze=False, sparse=True
@@ -159,7 +159,7 @@ def native_step(input_dim, ids, y):
         def forward(self, ids):
             return self.linear(self.embedding(ids).mean(dim=1))
 
-    model = Model()
+    model = Model(table, kernel)
     del table
     optimizers = [
         torch.optim.SparseAdam(model.embedding.parameters(), lr=LEARNING_RATE),
@@ -249,7 +249,7 @@ def time_steps(plan, input_dim, ids, y, jit_compile, where):
             del step
             release_memory()
     else:
-        steps = {name: make_step(name, input_dim, ids, y, jit_compile) for name in names}
+        steps = {n: make_step(n, input_dim, ids, y, jit_compile) for n in names}
         for name, step in steps.items():
             losses[name], first_s[name] = first_step(step)
         result = compare(steps, reps, warmup, settle=settle)
@@ -283,24 +283,32 @@ def measure_size(plan, input_dim, bandwidth, report):
 
 
 def lookup_models(input_dim):
-    """`{name: (model, layer)}`: the lookup variants' models, compiled with
-    SGD and Keras's default execution."""
+    """`{(name, call): (model, layer)}`: a fresh model for each lookup
+    variant and call, compiled with SGD and Keras's default execution.
+
+    One model per call: on TensorFlow, a sparse read of a variable (a
+    gather from the variable itself) switches it to copy-on-read as a
+    sparse update does, so an eager call would change what
+    `predict_on_batch` of the same model measures."""
     models = {}
     for name in LOOKUP_VARIANTS:
-        layer = embedding(name, input_dim)
-        model = build_model(layer, keras.optimizers.SGD(0.01))
-        models[name] = (model, layer)
+        for call in LOOKUP_CALLS:
+            layer = embedding(name, input_dim)
+            model = build_model(layer, keras.optimizers.SGD(0.01))
+            models[name, call] = (model, layer)
     return models
 
 
 def lookup_calls(models, ids):
-    """`{(name, call): callable}` of each model's `predict_on_batch` and its
-    layer's eager call."""
+    """`{(name, call): callable}`: `predict_on_batch` of the NumPy ids, or
+    the layer's eager call on them as a backend tensor."""
     tensor = ops.convert_to_tensor(ids)
     calls = {}
-    for name, (model, layer) in models.items():
-        calls[name, "predict_on_batch"] = lambda m=model: m.predict_on_batch(ids)
-        calls[name, "eager"] = lambda layer=layer: layer(tensor)
+    for (name, call), (model, layer) in models.items():
+        if call == "predict_on_batch":
+            calls[name, call] = lambda model=model: model.predict_on_batch(ids)
+        else:
+            calls[name, call] = lambda layer=layer: layer(tensor)
     return calls
 
 

@@ -17,6 +17,8 @@ SECTIONS = (
     "native_floor",
     "table_bytes",
     "vocab_scaling",
+    "training",
+    "lookup_after_training",
     "memory",
     "reverse_projection",
     "reverse_memory",
@@ -25,6 +27,8 @@ SECTIONS = (
 FIGURES = (
     "vocab_scaling_forward",
     "vocab_scaling_train",
+    "training_scaling",
+    "lookup_after_training",
     "native_floor",
     "memory",
     "reverse_projection",
@@ -39,6 +43,16 @@ REVERSE_MODES = {
     "torch": {"eager"},
 }
 DECODING_FORMATS = {"float32", "float32_lora", "int8", "int4"}
+# The training section's variants and modes per backend.
+TRAINING_VARIANTS = {"keras", "dense", "sgd", "adagrad", "adam", "lora", "lora_adam"}
+TRAINING_MODES = {
+    "tensorflow": {
+        "train_on_batch (tf.function)",
+        "train_on_batch (tf.function XLA)",
+    },
+    "jax": {"train_on_batch (jax.jit)"},
+    "torch": {"train_on_batch (eager)"},
+}
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -94,6 +108,31 @@ def test_quick_benchmark_measures_every_reverse_format_and_mode(quick_run):
     assert "## Greedy decoding with a keras-hub causal LM" in page
 
 
+def test_quick_benchmark_measures_every_training_variant_and_mode(quick_run):
+    data = json.loads((quick_run / "benchmarks.json").read_text())
+    for backend in BACKENDS:
+        result = data["results"][backend]
+        rows = result["training"]
+        assert {row["mode"] for row in rows} == TRAINING_MODES[backend], backend
+        # PyTorch also times its own sparse embedding training, the floor.
+        variants = TRAINING_VARIANTS | ({"native"} if backend == "torch" else set())
+        for row in rows:
+            assert variants <= set(row), (backend, row["mode"])
+            assert set(row["over_keras"]) == variants, (backend, row["mode"])
+            assert row["floor_ms"]["row_sparse_adam"] > 0, backend
+        lookups = result["lookup_after_training"]
+        assert {(row["variant"], row["call"]) for row in lookups} == {
+            (variant, call)
+            for variant in ("keras", "dense", "sgd")
+            for call in ("predict_on_batch", "eager")
+        }, backend
+        headline = data["headline"]["backends"][backend]["training_speedup"]
+        assert set(headline) == TRAINING_MODES[backend], backend
+    page = (quick_run / "benchmarks.md").read_text()
+    assert "## Training big tables" in page
+    assert "## Lookups after a training step" in page
+
+
 def test_run_help_names_the_options():
     output = run_under("tensorflow", RUN, "--help", timeout=60)
     for option in ("--quick", "--output-dir", "--backends", "--from-json"):
@@ -105,6 +144,7 @@ def test_a_run_of_some_sections_draws_only_their_figures(quick_run, tmp_path):
     data = json.loads((quick_run / "benchmarks.json").read_text())
     dropped = ("vocab_scaling", "native_floor", "memory")
     dropped += ("reverse_projection", "reverse_memory", "decoding")
+    dropped += ("training", "lookup_after_training")
     for result in data["results"].values():
         for section in dropped:
             result.pop(section)
@@ -115,27 +155,33 @@ def test_a_run_of_some_sections_draws_only_their_figures(quick_run, tmp_path):
 
     assert not (out / "img").exists() or not list((out / "img").iterdir())
     page = (out / "benchmarks.md").read_text()
-    assert page.count("Figure not drawn: this run did not measure its section") == 7
+    assert page.count("Figure not drawn: this run did not measure its section") == 9
     assert "Not measured in this run (`--sections` left `reverse_projection`" in page
+    assert page.count("Not measured in this run (`--sections` left `training`") == 2
     assert "(img/" not in page
 
 
 def test_a_json_from_before_the_reverse_section_still_renders(quick_run, tmp_path):
-    # docs/benchmarks.json of an earlier run: no reverse sections, settings
-    # or headline entries.
+    # docs/benchmarks.json of an earlier run: no reverse or training
+    # sections, settings or headline entries.
     data = json.loads((quick_run / "benchmarks.json").read_text())
     for result in data["results"].values():
         for section in ("reverse_projection", "reverse_memory", "decoding"):
             result.pop(section)
-    for key in ("reverse_input_dim", "decoding_vocab"):
+        for section in ("training", "lookup_after_training"):
+            result.pop(section)
+    for key in ("reverse_input_dim", "decoding_vocab", "training_input_dim"):
         data["headline"].pop(key)
     for entry in data["headline"]["backends"].values():
         entry.pop("reverse")
         entry.pop("decoding_speedup")
+        entry.pop("training_speedup")
     data["settings"] = {
         k: v
         for k, v in data["settings"].items()
-        if not k.startswith(("reverse", "decoding"))
+        if not k.startswith(
+            ("reverse", "decoding", "training", "after_training", "bandwidth")
+        )
     }
     source = tmp_path / "old.json"
     source.write_text(json.dumps(data))
@@ -145,3 +191,6 @@ def test_a_json_from_before_the_reverse_section_still_renders(quick_run, tmp_pat
     page = (out / "benchmarks.md").read_text()
     assert "(img/vocab_scaling_forward.png)" in page
     assert "(img/reverse_projection.png)" not in page
+    assert "(img/training_scaling.png)" not in page
+    assert "Not measured in this run (`--sections` left `training`" in page
+    assert "Keras dense Adam time /" not in page

@@ -153,6 +153,15 @@ def _read_on_host(ids):
         return ops.convert_to_numpy(ids)
 
 
+def is_concrete(ids):
+    """Whether `ids` hold values (eager), not a trace; reads none of them."""
+    try:
+        _read_on_host(ops.reshape(ids, (-1,))[:0])
+    except (TypeError, RuntimeError):
+        return False
+    return True
+
+
 def eager_check(ids, input_dim, layer_name):
     """Checks ids whose values can be read; tells whether the check ran.
 

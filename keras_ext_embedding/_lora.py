@@ -67,19 +67,20 @@ class LoraAdapters:
     def b(self):
         return self.layer.lora_embeddings_b
 
-    def rows(self, index, training=None, a_training=None, touched=None):
+    def rows(self, index, reader=None, a_training=None, touched=None):
         """The delta of the rows at `index`: `scale * A[index] @ B`, without
         the `input_dim x output_dim` product. While `a_training` (A's
         row-sparse training state) trains A, its lookup reads A's rows and
-        `touched` says which it may step."""
+        `touched` says which it may step; otherwise `reader` (a
+        `_runs.RowReader`) reads them."""
         b = self.b
         if self.scale != 1:
             # Scaling B (rank x output_dim) costs less than scaling the rows.
             b = ops.multiply(b, self.scale)
-        if a_training is not None and a_training.trains:
+        if a_training is not None:
             a_rows = a_training.rows(index, touched)
         else:
-            a_rows = _runs.gather_rows(self.a, index, training)
+            a_rows = (reader or _runs.RowReader()).rows(self.a, index)
         return ops.matmul(a_rows, b)
 
     def project(self, hidden):

@@ -136,13 +136,18 @@ def _converted(layer, overrides):
 def _copy_variables(source, target):
     # Through NumPy: on JAX, assigning a variable itself would share one
     # buffer between the two layers, which a donating train step deletes.
-    for new, old in zip(target.weights, source.weights, strict=True):
-        if new.name != old.name:
-            raise ValueError(
-                f"Cannot carry the variables of layer '{source.name}' over to "
-                f"its replacement: they are {[w.name for w in source.weights]}, "
-                f"the replacement's {[w.name for w in target.weights]}."
-            )
+    # A replacement with `optimizer=` also holds row-sparse slots, which
+    # start afresh.
+    state = getattr(target, "_row_sparse_variables", list)()
+    weights = [w for w in target.weights if not any(w is v for v in state)]
+    names = [w.name for w in weights]
+    if names != [w.name for w in source.weights]:
+        raise ValueError(
+            f"Cannot carry the variables of layer '{source.name}' over to "
+            f"its replacement: they are {[w.name for w in source.weights]}, "
+            f"the replacement's {names}."
+        )
+    for new, old in zip(weights, source.weights, strict=True):
         new.assign(keras.ops.convert_to_numpy(old))
 
 

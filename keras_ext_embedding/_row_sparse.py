@@ -266,6 +266,10 @@ class RowSparseState:
             autocast=False,
             overwrite_with_gradient=True,
         )
+        # Attributes of the layer under their names, as LoRA's adapters:
+        # `layer.embeddings_momentum`, `layer.embeddings_iteration`, ...
+        for value in self.variables():
+            setattr(layer, value.name, value)
 
     def variables(self):
         """The slots, then the step counter."""
@@ -298,8 +302,8 @@ class RowSparseState:
 
     def remove(self):
         """Untracks the slots and step counter (LoRA merged away)."""
-        for variable in self.variables():
-            self.layer._tracker.untrack(variable)
+        for value in self.variables():
+            delattr(self.layer, value.name)
         self.variable.overwrite_with_gradient = False
         self.variable, self.slots, self.iteration = None, [], None
 
@@ -360,8 +364,11 @@ class RowSparseState:
 
             return ops.take(table, index, axis=0), grad
 
-        # The variables' values, not the variables: PyTorch's autograd
-        # function tracks tensors only.
-        return lookup(
-            variable.value, self.iteration.value, *[slot.value for slot in self.slots]
-        )
+        # The variables' values as tensors (a reshape to their own shape
+        # reads them), not the variables: PyTorch's autograd function tracks
+        # tensors only, TensorFlow's custom gradient refuses variables read
+        # inside it, and a TensorFlow gather from the variable itself would
+        # be a sparse read, which turns it copy-on-read (every later dense
+        # read copies it).
+        inputs = [variable, self.iteration, *self.slots]
+        return lookup(*[ops.reshape(v, v.shape) for v in inputs])

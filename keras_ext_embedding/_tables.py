@@ -206,8 +206,9 @@ class FloatTable(_Table):
         """The dtype of `rows`, before the layer casts to its compute dtype."""
         return self.variable.dtype
 
-    def rows(self, index, training=None):
-        return _runs.gather_rows(self.variable, index, training)
+    def rows(self, index, reader=None):
+        """The rows at `index`, read by a `_runs.RowReader`."""
+        return (reader or _runs.RowReader()).rows(self.variable, index)
 
     def project(self, hidden, dtype, inputs_quantizer=None):
         """`hidden @ table^T`, `(..., output_dim) -> (..., input_dim)`, in
@@ -337,8 +338,9 @@ class _QuantizedTable(_Table):
     def row_dtype(self):
         return "float32"  # rows are dequantized in float32
 
-    def rows(self, index, training=None):
-        # A quantized table is frozen: `training` changes nothing.
+    def rows(self, index, reader=None):
+        # A quantized table is frozen: how a trained one is read does not
+        # apply.
         return self._rows(lambda variable: _gather_rows(variable, index))
 
     def project(self, hidden, dtype, inputs_quantizer=None):

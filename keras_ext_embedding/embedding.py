@@ -11,6 +11,7 @@ from keras_ext_embedding import (
     _lora,
     _quantization,
     _row_sparse,
+    _runs,
     _tables,
 )
 from keras_ext_embedding._arguments import (
@@ -712,6 +713,10 @@ class Embedding(keras.layers.Layer):
         """The row-sparse training states of the layer's variables."""
         return [t for t in (self._table_training, self._lora_training) if t]
 
+    def _row_sparse_variables(self):
+        """The slots and step counters of the row-sparse training states."""
+        return [v for training in self._trainings() for v in training.variables()]
+
     def _build_table_training(self):
         """Gives the float lookup table its row-sparse slots (with
         `optimizer=`)."""
@@ -746,19 +751,32 @@ class Embedding(keras.layers.Layer):
         valid = None if checked else _ids.valid_mask(ids, dtype, self.input_dim)
         index = _ids.gather_index(ids, dtype, valid, self.input_dim)
         touched = self._touched(index, valid)
-        table_training = self._table_training
-        if table_training is not None and table_training.trains:
+        reader = _runs.RowReader(training, ids, checked)
+        table_training = self._row_sparse_step(self._table_training, training)
+        if table_training is not None:
             outputs = table_training.rows(index, touched)
         else:
-            outputs = self._table.rows(index, training)
+            outputs = self._table.rows(index, reader)
         if self._adapters is not None:
-            delta = self._adapters.rows(index, training, self._lora_training, touched)
+            lora_training = self._row_sparse_step(self._lora_training, training)
+            delta = self._adapters.rows(index, reader, lora_training, touched)
             outputs = ops.add(outputs, delta)
         if self._lookup_dtype() != self.compute_dtype:
             outputs = ops.cast(outputs, self.compute_dtype)
         if valid is not None:
             outputs = _ids.zero_invalid_rows(outputs, valid)
         return outputs
+
+    def _row_sparse_step(self, state, training):
+        """`state` (a row-sparse training state, or None) if this call steps
+        its variable. Not when the variable is frozen, nor with
+        `training=False` (`predict`, `evaluate`): an inference lookup reads
+        rows as any other. Any other call may be under a gradient tape (a
+        custom training loop), where a plain gather's gradient would be
+        assigned to the table as its new value."""
+        if state is None or not state.trains or training is False:
+            return None
+        return state
 
     def _touched(self, index, valid):
         """The positions whose ids a row-sparse step may move: valid ids that
