@@ -37,7 +37,11 @@ FACTORS = 32
 L2 = 1e-4
 LORA_RANK = 4
 LORA_EPOCHS = 2
-ROW_SPARSE_RATE = 0.05
+# The factor tables' own Adagrad (row-sparse run). A small initial
+# accumulator: the factors' gradients are ~1e-3, which Keras's default of
+# 0.1 would turn into steps of ~1e-4 of the rate.
+ROW_SPARSE_RATE = 0.1
+ROW_SPARSE_ACCUMULATOR = 1e-3
 
 
 def load_ratings():
@@ -106,13 +110,15 @@ def recommender(baseline, row_sparse=False):
 
     With `row_sparse`, the factor tables train with their own Adagrad, row by
     row (`optimizer=`), instead of the model's Adam with an L2 penalty: a
-    row-sparse table takes no regularizer (its dense gradient would touch
-    every row), and Adagrad's per-value step sizes shrink fastest for the
-    most frequent users and movies, which the penalty otherwise holds back.
+    row-sparse table takes no regularizer (its gradient would touch every
+    row), so this run beats the bias baseline but not the regularized one.
     """
     mean, user_bias, movie_bias = baseline
     if row_sparse:
-        factor_args = {"optimizer": keras.optimizers.Adagrad(ROW_SPARSE_RATE)}
+        optimizer = keras.optimizers.Adagrad(
+            ROW_SPARSE_RATE, initial_accumulator_value=ROW_SPARSE_ACCUMULATOR
+        )
+        factor_args = {"optimizer": optimizer}
     else:
         factor_args = {"embeddings_regularizer": keras.regularizers.L2(L2)}
     user = keras.Input((), dtype="int32", name="user")
