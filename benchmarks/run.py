@@ -10,9 +10,10 @@ output directory. The `reverse_projection` section benchmarks
 decoding with a keras-hub causal LM): about an hour of a full run. The
 `training` section times one training step of big tables (dense, and
 row-sparse with `Embedding(optimizer=...)`) up to 4M rows, and lookups
-after a training step. The other sections take about 20 minutes.
+after a training step: an estimated 15 minutes. The other sections take
+about 20 minutes.
 
-    python benchmarks/run.py                      # full run, docs/, ~80 min
+    python benchmarks/run.py                      # full run, docs/, ~95 min
     python benchmarks/run.py --quick              # smoke run, a temporary dir
     python benchmarks/run.py --quick --output-dir /tmp/bench
     python benchmarks/run.py --backends jax,torch --output-dir /tmp/bench

@@ -57,9 +57,6 @@ REFUSED_OPTIONS = {
     "gradient_accumulation_steps": (None, "use a larger batch instead"),
     "loss_scale_factor": (None, "train in float32 or mixed_bfloat16"),
 }
-# The step counter is float32 (a gradient must be a float): it counts
-# exactly up to 2**24 steps.
-ITERATION_LIMIT = 2**24
 
 
 def check_layer_arguments(layer_name, regularizer, constraint):
@@ -258,6 +255,8 @@ class RowSparseState:
             )
             for slot in self.rule.slot_names
         ]
+        # float32, as keras-rs's: a gradient must be a float. It counts
+        # every step exactly up to 2**24.
         self.iteration = layer.add_weight(
             name=f"{self.target}_iteration",
             shape=(),
