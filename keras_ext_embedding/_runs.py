@@ -97,11 +97,13 @@ class RowReader:
           variable copy-on-read, where `take(variable)` reads, and then
           copies, the whole table (Keras's layer: 1.8 -> 68 ms after one SGD
           step);
-        - eager, `take(variable)` reads the table without a copy until such
-          an update (1.6 ms; `take(variable.value)` costs 75 ms there,
-          Keras's `take` reading the variable's shape densely). After one,
-          an eager lookup copies the table, as Keras's does: no public op
-          avoids it.
+        - eager, `take(variable)` reads the table without a copy (1.6 ms;
+          `take(variable.value)` costs 75 ms there, Keras's `take` reading
+          the variable's shape densely) until the variable turns
+          copy-on-read: after any sparse access, a traced lookup's sparse
+          read included. From then on an eager lookup copies the table
+          (74 ms), as Keras's does after a sparse update: no public op
+          reads a variable sparsely in eager mode.
         While training on TensorFlow (`training=True`, as `fit` and
         `train_on_batch` call a model), `take_once` keeps Keras's optimizers
         from squaring each repetition of an id separately; JAX and PyTorch
