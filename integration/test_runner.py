@@ -24,25 +24,25 @@ def test_unknown_integration_backend_is_refused():
     )
 
 
-def test_runner_refuses_an_unknown_backend_before_running_anything():
-    done = subprocess.run(
-        [sys.executable, ROOT / "tests" / "run_backends.py", "jax", "torchh"],
+def run_runner(*args):
+    """Runs tests/run_backends.py with `args` (refused before any suite)."""
+    return subprocess.run(
+        [sys.executable, ROOT / "tests" / "run_backends.py", *args],
         capture_output=True,
         text=True,
         timeout=60,
     )
+
+
+def test_runner_refuses_an_unknown_backend_before_running_anything():
+    done = run_runner("jax", "torchh")
     assert done.returncode == 2
     assert "unknown backends ['torchh']; choose from" in done.stderr
     assert "unit[" not in done.stdout  # no suite started
 
 
 def test_runner_refuses_fewer_than_one_job():
-    done = subprocess.run(
-        [sys.executable, ROOT / "tests" / "run_backends.py", "--jobs", "0"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = run_runner("--jobs", "0")
     assert done.returncode == 2
     assert "--jobs must be at least 1; received 0" in done.stderr
     assert "unit[" not in done.stdout

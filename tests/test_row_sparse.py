@@ -852,12 +852,7 @@ def test_keras_embedding_checkpoint_loads_with_fresh_state(tmp_path, rng):
     layer = Embedding(VOCAB, DIM, optimizer="adam", name="tokens")
     model = model_of(layer)
     model.load_weights(path)
-    np.testing.assert_array_equal(raw(weight(layer, "embeddings")), table)
-    for name in ("embeddings_momentum", "embeddings_velocity"):
-        np.testing.assert_array_equal(
-            raw(weight(layer, name)), np.zeros((VOCAB, DIM), "float32")
-        )
-    assert raw(weight(layer, "embeddings_iteration")) == 0
+    assert_fresh_adam_state(layer, table)
 
 
 def test_store_layout_names_the_slots(rng):
@@ -893,12 +888,17 @@ def test_checkpoint_of_another_optimizer_warns_and_starts_afresh(tmp_path, rng):
     )
     with pytest.warns(UserWarning, match=re.escape(message)):
         adam_model.load_weights(path)
-    np.testing.assert_array_equal(raw(weight(adam, "embeddings")), saved_table)
+    assert_fresh_adam_state(adam, saved_table)
+
+
+def assert_fresh_adam_state(layer, table):
+    """The layer holds `table` and Adam slots as a fresh layer has them."""
+    np.testing.assert_array_equal(raw(weight(layer, "embeddings")), table)
     for name in ("embeddings_momentum", "embeddings_velocity"):
         np.testing.assert_array_equal(
-            raw(weight(adam, name)), np.zeros((VOCAB, DIM), "float32")
+            raw(weight(layer, name)), np.zeros((VOCAB, DIM), "float32")
         )
-    assert raw(weight(adam, "embeddings_iteration")) == 0
+    assert raw(weight(layer, "embeddings_iteration")) == 0
 
 
 def test_partial_slot_store_warns(rng):
@@ -914,12 +914,7 @@ def test_partial_slot_store_warns(rng):
     )
     with pytest.warns(UserWarning, match=re.escape(message)):
         layer.load_own_variables(store)
-    np.testing.assert_array_equal(raw(weight(layer, "embeddings")), table)
-    for name in ("embeddings_momentum", "embeddings_velocity"):
-        np.testing.assert_array_equal(
-            raw(weight(layer, name)), np.zeros((VOCAB, DIM), "float32")
-        )
-    assert raw(weight(layer, "embeddings_iteration")) == 0
+    assert_fresh_adam_state(layer, table)
 
 
 def test_slot_shape_mismatch_is_refused_and_layer_unchanged(rng):
