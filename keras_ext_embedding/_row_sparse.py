@@ -36,7 +36,6 @@ from keras import ops
 
 from keras_ext_embedding import _runs
 
-RULES = ("sgd", "adagrad", "adam")
 SLOTS = {"sgd": (), "adagrad": ("accumulator",), "adam": ("momentum", "velocity")}
 OPTIMIZER_CLASSES = {
     "sgd": keras.optimizers.SGD,
@@ -164,7 +163,7 @@ def resolve(optimizer, layer_name):
         optimizer = keras.optimizers.deserialize(copy.deepcopy(optimizer))
     if isinstance(optimizer, str):
         name = optimizer.lower()
-        if name not in RULES:
+        if name not in OPTIMIZER_CLASSES:
             raise ValueError(
                 f"Layer '{layer_name}': `optimizer` must be None (train the "
                 "table with the model's optimizer), one of 'sgd', 'adagrad', "
