@@ -34,7 +34,7 @@ import copy
 import keras
 from keras import ops
 
-from keras_ext_embedding import _runs
+from keras_ext_embedding import _runs, _step_guard
 
 SLOTS = {"sgd": (), "adagrad": ("accumulator",), "adam": ("momentum", "velocity")}
 OPTIMIZER_CLASSES = {
@@ -234,6 +234,7 @@ class RowSparseState:
         self.variable = None
         self.slots = []
         self.iteration = None
+        self.guard = _step_guard.StepGuard(layer.name, rule.name)
 
     def build(self, variable):
         """Creates the slots beside `variable` and marks all of them to be
@@ -319,10 +320,12 @@ class RowSparseState:
         """
         variable = self.variable
         rule, width = self.rule, variable.shape[-1]
+        counter_value = self.iteration.value
 
         @ops.custom_gradient
         def lookup(table, iteration, *slots):
             def grad(*args, upstream=None):
+                self.guard.rule(counter_value)
                 # TensorFlow and JAX pass the upstream gradient positionally,
                 # PyTorch by keyword (after the inputs).
                 upstream = args[0] if upstream is None else upstream
@@ -369,4 +372,6 @@ class RowSparseState:
         # be a sparse read, which turns it copy-on-read (every later dense
         # read copies it).
         inputs = [variable, self.iteration, *self.slots]
-        return lookup(*[ops.reshape(v, v.shape) for v in inputs])
+        return self.guard.lookup(
+            lambda: lookup(*[ops.reshape(v, v.shape) for v in inputs])
+        )

@@ -117,10 +117,10 @@ class Embedding(keras.layers.Layer):
             adapter `A` trains this way and `B` with the model's optimizer.
             The model optimizer's clipping, weight decay and learning-rate
             callbacks do not reach the table. Invalid ids and masked
-            padding never train a row. Call such a layer once per training
-            step: two calls (a table shared by two features) would add up
-            two stepped tables; concatenate the ids instead. See the guide
-            "Training big tables".
+            padding never train a row. Such a layer is looked up once per
+            training step: a second lookup (a table shared by two
+            features) raises a `ValueError`; concatenate the features' ids
+            into one call instead. See the guide "Training big tables".
         **kwargs: Base layer keyword arguments, such as `name`, `dtype`,
             `trainable` and `activity_regularizer`.
 

@@ -1256,27 +1256,97 @@ def test_untied_reversible_trains_forward_row_sparsely(rng):
     assert not np.array_equal(raw(weight(layer, "reverse_embeddings")), reverse)
 
 
-# --- A package bug. ---
+# --- A layer looked up twice in one step. ---
+
+TWICE = "looked up twice in one training step"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="package bug: a layer with optimizer= called twice in one step (a "
-    "shared embedding) sums the two lookups' 'gradients', i.e. two stepped "
-    "copies of the whole table, and the optimizer assigns the sum: every row "
-    "doubles and the step counter counts 2",
-)
-def test_shared_layer_called_twice_trains_only_looked_up_rows(rng):
-    layer = Embedding(VOCAB, DIM, optimizer="sgd", name="tokens")
+def shared_functional_model(layer, jit_compile="auto"):
     first = keras.Input((3,), dtype="int32")
     second = keras.Input((3,), dtype="int32")
     outputs = keras.layers.Add()([layer(first), layer(second)])
     model = keras.Model([first, second], outputs)
-    model.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse")
-    table = raw(weight(layer, "embeddings"))
-    model.train_on_batch(
-        [np.array([[1, 2, 3]], "int32"), np.array([[4, 5, 6]], "int32")],
-        np.ones((1, 3, DIM), "float32"),
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.0), loss="mse", jit_compile=jit_compile
     )
-    np.testing.assert_array_equal(raw(weight(layer, "embeddings"))[7:], table[7:])
-    assert raw(weight(layer, "embeddings_iteration")) == 1
+    return model
+
+
+class CallsTwice(keras.Model):
+    def __init__(self, layer):
+        super().__init__()
+        self.tokens = layer
+
+    def call(self, ids):
+        return self.tokens(ids) + self.tokens(ops.flip(ids, axis=1))
+
+
+TWO_ID_BATCHES = [np.array([[1, 2, 3]], "int32"), np.array([[4, 5, 6]], "int32")]
+
+
+@pytest.mark.parametrize("jit_compile", JIT_COMPILE)
+def test_shared_layer_looked_up_twice_in_a_step_is_refused(jit_compile):
+    layer = Embedding(VOCAB, DIM, optimizer="sgd", name="tokens")
+    model = shared_functional_model(layer, jit_compile)
+    table = raw(weight(layer, "embeddings"))
+    with pytest.raises(ValueError, match=TWICE) as error:
+        model.train_on_batch(TWO_ID_BATCHES, np.ones((1, 3, DIM), "float32"))
+    assert "Layer 'tokens' (optimizer='sgd'" in str(error.value)
+    assert "keras.ops.concatenate([ids_a, ids_b], axis=1)" in str(error.value)
+    # Refused before the step: nothing was assigned.
+    np.testing.assert_array_equal(raw(weight(layer, "embeddings")), table)
+    assert raw(weight(layer, "embeddings_iteration")) == 0
+
+
+def test_subclassed_model_calling_the_layer_twice_is_refused():
+    layer = Embedding(VOCAB, DIM, optimizer="adam", name="tokens")
+    model = CallsTwice(layer)
+    model.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse")
+    with pytest.raises(ValueError, match=TWICE):
+        model.train_on_batch(TWO_ID_BATCHES[0], np.ones((1, 3, DIM), "float32"))
+    assert raw(weight(layer, "embeddings_iteration")) == 0
+
+
+def test_shared_table_looked_up_once_trains_as_dense_sgd(rng):
+    """The fix the error names: one lookup of both inputs' ids, then a split."""
+
+    def two_tower(layer, optimizer):
+        first = keras.Input((3,), dtype="int32")
+        second = keras.Input((3,), dtype="int32")
+        rows = layer(keras.layers.Concatenate(axis=1)([first, second]))
+        a, b = keras.layers.Lambda(lambda r: ops.split(r, 2, axis=1))(rows)
+        model = keras.Model([first, second], keras.layers.Add()([a, b]))
+        model.compile(optimizer=optimizer, loss="mse")
+        return model
+
+    table = random_table(rng)
+    inputs = [zipf_ids(rng, 16)[:, :3] for _ in range(2)]
+    targets = targets_like(rng, 16)[:, :3]
+    sparse = Embedding(VOCAB, DIM, optimizer=keras.optimizers.SGD(0.5))
+    sparse_model = two_tower(sparse, keras.optimizers.SGD(0.0))
+    dense = Embedding(VOCAB, DIM)
+    dense_model = two_tower(dense, keras.optimizers.SGD(0.5))
+    for layer, model in ((sparse, sparse_model), (dense, dense_model)):
+        weight(layer, "embeddings").assign(table)
+        model.fit(inputs, targets, batch_size=4, shuffle=False, verbose=0)
+
+    np.testing.assert_allclose(
+        raw(weight(sparse, "embeddings")), raw(dense.embeddings), rtol=1e-6, atol=1e-6
+    )
+    assert raw(weight(sparse, "embeddings_iteration")) == 4
+    assert not np.array_equal(raw(dense.embeddings), table)
+
+
+def test_lookups_outside_training_between_steps_are_not_a_second_lookup(rng):
+    """Calls with `training=None` and no gradient, `predict`, `evaluate` and
+    several `fit` calls in a row: each step still looks up once."""
+    layer = Embedding(VOCAB, DIM, optimizer="sgd", name="tokens")
+    model = model_of(layer)
+    ids, targets = zipf_ids(rng), targets_like(rng)
+    for _ in range(2):
+        layer(ids[:BATCH])
+        layer(ids[:BATCH], training=True)
+        model.predict(ids, verbose=0)
+        model.evaluate(ids, targets, verbose=0)
+        fit(model, ids, targets)
+    assert raw(weight(layer, "embeddings_iteration")) == 2 * STEPS
