@@ -4,6 +4,7 @@
     python tests/run_backends.py jax torch            # these backends only
     python tests/run_backends.py --only unit torch    # or --only integration
     python tests/run_backends.py --jobs 1             # one suite at a time
+    python tests/run_backends.py --durations 20       # each suite's 20 slowest
 
 `KERAS_BACKEND` is read when keras is first imported, so every backend gets a
 process of its own. The integration run covers the listed backends through
@@ -11,7 +12,8 @@ process of its own. The integration run covers the listed backends through
 side, as many at once as the machine has cores (`--jobs`): a unit suite keeps
 one core busy, so on two cores two suites take about the time of one. Prints
 one summary line per run and exits non-zero when any run fails or runs no
-test.
+test. Under each summary it prints the suite's slowest tests (`--durations`,
+default 5), so that the time `make test` takes can be kept in check.
 """
 
 import argparse
@@ -24,12 +26,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 BACKENDS = ("tensorflow", "jax", "torch")
 SUMMARY = re.compile(r"^=* ?(\d+ (?:passed|failed|error|skipped).*?) in [\d.]+s", re.M)
+# pytest's `--durations` table: its header, then one line per test phase.
+SLOWEST = re.compile(r"^=+ slowest \d+ durations =+\n((?:[\d.]+s .*\n)+)", re.M)
 # Longest first, so that the last suite to start is a short one: integration,
 # then the unit suites by their usual length.
 DURATION_ORDER = ("integration", "jax", "tensorflow", "torch")
 
 
-def run(label, backend, paths, env=None):
+def run(label, backend, paths, env=None, durations=0):
     env = {
         **os.environ,
         "KERAS_BACKEND": backend,
@@ -37,6 +41,8 @@ def run(label, backend, paths, env=None):
         **(env or {}),
     }
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:randomly", *paths]
+    if durations:
+        command += [f"--durations={durations}", "--durations-min=1"]
     start = time.monotonic()
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     seconds = time.monotonic() - start
@@ -48,6 +54,9 @@ def run(label, backend, paths, env=None):
     # One write per suite: suites that finish together do not interleave.
     report = "" if ok else output
     report += f"{label:<22} {'ok' if ok else 'FAILED':<7} {summary} ({seconds:.0f}s)\n"
+    slowest = SLOWEST.search(output)
+    if slowest:
+        report += "".join(f"    {line}\n" for line in slowest.group(1).splitlines())
     sys.stdout.write(report)
     sys.stdout.flush()
     return ok
@@ -67,12 +76,20 @@ def parse_args():
         default=os.cpu_count() or 1,
         help="suites run at once (default: the number of cores)",
     )
+    parser.add_argument(
+        "--durations",
+        type=int,
+        default=5,
+        help="print each suite's N slowest tests (default 5; 0: none)",
+    )
     args = parser.parse_args()
     unknown = [b for b in args.backends if b not in BACKENDS]
     if unknown:
         parser.error(f"unknown backends {unknown}; choose from {list(BACKENDS)}")
     if args.jobs < 1:
         parser.error(f"--jobs must be at least 1; received {args.jobs}")
+    if args.durations < 0:
+        parser.error(f"--durations must be 0 or more; received {args.durations}")
     # In BACKENDS' order, once each, as integration/processes.py selects them.
     args.backends = [b for b in BACKENDS if b in args.backends] or list(BACKENDS)
     return args
@@ -99,7 +116,9 @@ def main():
     args = parse_args()
     runs = suites(args)
     with ThreadPoolExecutor(min(args.jobs, len(runs))) as pool:
-        results = list(pool.map(lambda suite: run(*suite), runs))
+        results = list(
+            pool.map(lambda suite: run(*suite, durations=args.durations), runs)
+        )
     if not all(results):
         print("FAILED: see the output above.")
         return 1
