@@ -1350,3 +1350,22 @@ def test_lookups_outside_training_between_steps_are_not_a_second_lookup(rng):
         model.evaluate(ids, targets, verbose=0)
         fit(model, ids, targets)
     assert raw(weight(layer, "embeddings_iteration")) == 2 * STEPS
+
+
+@pytest.mark.skipif(
+    BACKEND == "torch", reason="Keras's PyTorch trainer needs steps_per_execution=1"
+)
+def test_several_steps_per_execution_each_look_up_once(rng):
+    """`steps_per_execution=2` traces two steps into one function (JAX
+    unrolls them): each step's lookup reads its own step counter."""
+    layer = Embedding(VOCAB, DIM, optimizer="sgd", name="tokens")
+    model = keras.Sequential([keras.Input((LENGTH,), dtype="int32"), layer])
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.0), loss="mse", steps_per_execution=2
+    )
+    ids, targets = zipf_ids(rng), targets_like(rng)
+    table = random_table(rng)
+    weight(layer, "embeddings").assign(table)
+    fit(model, ids, targets)
+    assert raw(weight(layer, "embeddings_iteration")) == STEPS
+    assert_trained_as(layer, replay_table(Rule("sgd"), table, ids, targets))
