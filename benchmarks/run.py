@@ -1,8 +1,10 @@
 """Benchmarks keras_ext_embedding.Embedding against keras.layers.Embedding.
 
-Run by `make bench`. Starts `bench_backend.py` once per backend for the
-timings (Keras reads `KERAS_BACKEND` at its first import, so every backend
-needs a process of its own), then fresh processes for peak memory, and
+Run by `make bench`. Starts `bench_backend.py` once per backend and section
+for the timings (Keras reads `KERAS_BACKEND` at its first import, so every
+backend needs a process of its own; a fresh one per section keeps what one
+section leaves in memory from the next), then fresh processes for peak
+memory, and
 writes `benchmarks.md`, `benchmarks.json` and the figures in `img/` to the
 output directory. The `reverse_projection` section benchmarks
 `keras_ext_embedding.ReversibleEmbedding` against
@@ -99,9 +101,16 @@ def run_bench(backend, arguments):
 def run_all(jobs, runs):
     """Runs `(backend, arguments)` pairs, `jobs` at a time; returns their
     results in order. Timings run one at a time (`jobs=1`): processes running
-    side by side on 2 cores would slow each other unevenly."""
+    side by side on 2 cores would slow each other unevenly. The first
+    failure cancels the runs not yet started."""
     with ThreadPoolExecutor(max(1, jobs)) as pool:
-        return list(pool.map(lambda run: run_bench(*run), runs))
+        futures = [pool.submit(run_bench, *run) for run in runs]
+        try:
+            return [future.result() for future in futures]
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
 
 
 def memory_runs(backends, sections):
@@ -117,18 +126,34 @@ def memory_runs(backends, sections):
                 yield backend, ["--reverse-memory", f"{name}:{impl}"]
 
 
-# The result lists that several processes of a backend add to.
-MEMORY_SECTIONS = ("memory", "reverse_memory")
+def timing_runs(args, backends, sections):
+    """`(backend, ["--sections", ...])`: a full run gives each section a
+    process of its own, so that what one section leaves behind (TensorFlow
+    keeps every traced custom gradient, and with it the tables it captured)
+    cannot starve the next; a quick run's tiny sizes share one process per
+    backend."""
+    if not sections:
+        return []
+    if args.quick:
+        return [(b, ["--quick", "--sections", ",".join(sections)]) for b in backends]
+    return [(b, ["--sections", section]) for b in backends for section in sections]
+
+
+def merge(result, output):
+    """Adds one process's `output` to its backend's `result`: the lists that
+    several processes fill (`speed`, `memory`, ...) are extended."""
+    for name, value in output.items():
+        if isinstance(value, list):
+            result.setdefault(name, []).extend(value)
+        else:
+            result[name] = value
 
 
 def measure(args, backends, current):
     """Runs every process; returns `{backend: result}`."""
-    flag = ["--quick"] if args.quick else []
     in_process = current["memory_in_timing_process"]
     sections = [s for s in args.sections if s != "memory" or in_process]
-    runs = []
-    if sections:
-        runs = [(b, [*flag, "--sections", ",".join(sections)]) for b in backends]
+    runs = timing_runs(args, backends, sections)
     # A quick run's timings mean nothing anyway: its processes share the
     # cores, which keeps the smoke run short.
     outputs = run_all(len(runs) if args.quick else 1, runs)
@@ -136,13 +161,9 @@ def measure(args, backends, current):
         memory = list(memory_runs(backends, args.sections))
         runs += memory
         outputs += run_all(args.jobs, memory)
-    results = {backend: {"backend": backend} for backend in backends}
+    results = {backend: {"backend": backend, "memory": []} for backend in backends}
     for (backend, _), output in zip(runs, outputs, strict=True):
-        entries = {name: output.pop(name, []) for name in MEMORY_SECTIONS}
-        results[backend].update(output)
-        for name, section_entries in entries.items():
-            if section_entries or name == "memory":
-                results[backend].setdefault(name, []).extend(section_entries)
+        merge(results[backend], output)
     return results
 
 
