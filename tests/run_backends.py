@@ -13,7 +13,7 @@ side, as many at once as the machine has cores (`--jobs`): a unit suite keeps
 one core busy, so on two cores two suites take about the time of one. Prints
 one summary line per run and exits non-zero when any run fails or runs no
 test. Under each summary it prints the suite's slowest tests (`--durations`,
-default 5), so that the time `make test` takes can be kept in check.
+default 10), so that the time `make test` takes can be kept in check.
 """
 
 import argparse
@@ -79,8 +79,8 @@ def parse_args():
     parser.add_argument(
         "--durations",
         type=int,
-        default=5,
-        help="print each suite's N slowest tests (default 5; 0: none)",
+        default=10,
+        help="print each suite's N slowest tests (default 10; 0: none)",
     )
     args = parser.parse_args()
     unknown = [b for b in args.backends if b not in BACKENDS]
