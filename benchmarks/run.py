@@ -21,11 +21,16 @@ about 20 minutes.
     python benchmarks/run.py --backends jax,torch --output-dir /tmp/bench
     python benchmarks/run.py --sections reverse_projection --output-dir /tmp/bench
     python benchmarks/run.py --from-json docs/benchmarks.json --output-dir docs
+    python benchmarks/run.py --backends tensorflow --sections reverse_projection \
+        --update docs/benchmarks.json             # remeasure, keep the rest
 
 A full run writes to `docs/` unless `--output-dir` says otherwise; `--quick`
 without `--output-dir` writes to a fresh temporary directory and prints its
 path, so a smoke run never overwrites the published numbers. `--from-json`
 redraws the page and figures from an earlier run's JSON without measuring.
+`--update` measures the chosen backends and sections again (after a fix to
+one of them) and puts their results into an earlier run's JSON, keeping
+every other section's, and records the update in it.
 """
 
 import argparse
@@ -219,6 +224,45 @@ def document(args, backends, current, results, seconds):
     }
 
 
+def earlier_run(args):
+    """The JSON document `--update` names, refused before anything is
+    measured if it is from a run of the other kind (quick or full)."""
+    with open(args.update) as file:
+        previous = json.load(file)
+    if previous["quick"] != args.quick:
+        kind = "a --quick" if previous["quick"] else "a full"
+        raise SystemExit(
+            f"--update: {args.update} is from {kind} run; run with the same "
+            "--quick setting, or its sizes and numbers would mix."
+        )
+    return previous
+
+
+def updated(previous, args, results, current, seconds):
+    """`previous` (an earlier run's JSON document) with the sections just
+    measured in `results` put in; a list this run left empty (a section it
+    did not measure) keeps the earlier run's."""
+    for backend, result in results.items():
+        target = previous["results"].setdefault(backend, {"backend": backend})
+        for name, value in result.items():
+            if value != []:
+                target[name] = value
+    previous["backends"] = [b for b in BACKENDS if b in previous["results"]]
+    measured = set(previous["sections"]) | set(args.sections)
+    previous["sections"] = [s for s in SECTIONS if s in measured]
+    previous["headline"] = summary.headline(previous["results"], current)
+    previous.setdefault("updates", []).append(
+        {
+            "command": shlex.join(["python", "benchmarks/run.py", *sys.argv[1:]]),
+            "date": machine()["date"],
+            "duration_s": seconds,
+            "backends": args.backends,
+            "sections": args.sections,
+        }
+    )
+    return previous
+
+
 def write_outputs(data, output_dir):
     """Writes benchmarks.json, the figures in img/ and benchmarks.md."""
     os.makedirs(output_dir, exist_ok=True)
@@ -295,7 +339,15 @@ def parse_args():
         metavar="PATH",
         help="redraw the page and figures from this JSON; measure nothing",
     )
+    parser.add_argument(
+        "--update",
+        metavar="PATH",
+        help="measure --backends and --sections again and put their results "
+        "into this earlier run's JSON, keeping the rest",
+    )
     args = parser.parse_args()
+    if args.update and args.from_json:
+        parser.error("--update measures and --from-json does not: choose one")
     args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     for name, chosen, known in (
@@ -323,11 +375,15 @@ def main():
         with open(args.from_json) as file:
             data = json.load(file)
     else:
+        previous = earlier_run(args) if args.update else None
         current = plan(args.quick)
         start = time.monotonic()
         results = measure(args, args.backends, current)
         seconds = time.monotonic() - start
-        data = document(args, args.backends, current, results, seconds)
+        if previous is not None:
+            data = updated(previous, args, results, current, seconds)
+        else:
+            data = document(args, args.backends, current, results, seconds)
         missed = missed_targets(data)
         print(f"Targets missed: {', '.join(missed) if missed else 'none'}")
         differ = token_mismatches(data)

@@ -7,6 +7,8 @@ load.
 
 import json
 import re
+import subprocess
+import sys
 
 import pytest
 from processes import BACKENDS, ROOT, run_under
@@ -194,3 +196,40 @@ def test_a_json_from_before_the_reverse_section_still_renders(quick_run, tmp_pat
     assert "(img/training_scaling.png)" not in page
     assert "Not measured in this run (`--sections` left `training`" in page
     assert "Keras dense Adam time /" not in page
+
+
+def test_update_remeasures_some_sections_and_keeps_the_rest(quick_run, tmp_path):
+    source = tmp_path / "earlier.json"
+    source.write_text((quick_run / "benchmarks.json").read_text())
+    before = json.loads(source.read_text())
+    out = tmp_path / "out"
+    args = ["--quick", "--backends", "torch", "--sections", "native_floor"]
+    run_under("torch", RUN, *args, "--update", source, "--output-dir", out)
+
+    data = json.loads((out / "benchmarks.json").read_text())
+    (update,) = data["updates"]
+    assert update["backends"] == ["torch"]
+    assert update["sections"] == ["native_floor"]
+    assert "--update" in update["command"]
+    # The torch floor was measured again (medians of fresh timings), and
+    # nothing else moved.
+    torch_before, torch_after = before["results"]["torch"], data["results"]["torch"]
+    assert torch_after["native_floor"] != torch_before["native_floor"]
+    assert len(torch_after["native_floor"]) == len(torch_before["native_floor"])
+    for name in set(torch_before) - {"native_floor", "speed"}:
+        assert torch_after[name] == torch_before[name], name
+    for backend in ("tensorflow", "jax"):
+        assert data["results"][backend] == before["results"][backend]
+    page = (out / "benchmarks.md").read_text()
+    assert "measured native_floor again on torch" in page
+
+
+def test_update_refuses_a_json_of_the_other_kind(quick_run, tmp_path):
+    earlier = quick_run / "benchmarks.json"
+    args = ["--sections", "native_floor", "--update", earlier, "--output-dir", tmp_path]
+    done = subprocess.run(
+        [sys.executable, RUN, *args], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode != 0
+    assert "is from a --quick run; run with the same --quick setting" in done.stderr
+    assert not (tmp_path / "benchmarks.json").exists()

@@ -754,7 +754,7 @@ class Embedding(keras.layers.Layer):
         valid = None if checked else _ids.valid_mask(ids, dtype, self.input_dim)
         index = _ids.gather_index(ids, dtype, valid, self.input_dim)
         touched = self._touched(index, valid)
-        reader = _runs.RowReader(training, ids, checked)
+        reader = _runs.RowReader(training, ids, checked, self._reads_table_whole())
         table_training = self._row_sparse_step(self._table_training, training)
         if table_training is not None:
             outputs = table_training.rows(index, touched)
@@ -769,6 +769,11 @@ class Embedding(keras.layers.Layer):
         if valid is not None:
             outputs = _ids.zero_invalid_rows(outputs, valid)
         return outputs
+
+    def _reads_table_whole(self):
+        """Whether a call other than the lookup reads the whole table (and
+        LoRA's `A`): a tied `ReversibleEmbedding`'s reverse projection."""
+        return False
 
     def _row_sparse_step(self, state, training):
         """`state` (a row-sparse training state, or None) if this call steps

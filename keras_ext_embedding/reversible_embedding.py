@@ -178,6 +178,9 @@ class ReversibleEmbedding(Embedding):
             return super().call(inputs, training=training)
         return self._project(inputs)
 
+    def _reads_table_whole(self):
+        return self.tie_weights
+
     def compute_mask(self, inputs, mask=None):
         if self._reversing:
             return None

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from keras import ops
 
-from keras_ext_embedding import Embedding, replace_embeddings
+from keras_ext_embedding import Embedding, ReversibleEmbedding, replace_embeddings
 
 BACKEND = keras.config.backend()
 VOCAB, DIM, LENGTH, BATCH, STEPS = 30, 4, 6, 4, 3
@@ -132,6 +132,33 @@ def test_tensorflow_traced_lookup_reads_only_the_rows():
     # read (the graph's optimizer drops it).
     reads = [op for op in operations if op.type == "ReadVariableOp"]
     assert all(not out.consumers() for op in reads for out in op.outputs)
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="TensorFlow's variable reads")
+@pytest.mark.parametrize("tie_weights", [True, False])
+def test_tensorflow_tied_table_is_never_read_sparsely(tie_weights):
+    """A tied table is also read whole by the reverse projection: a sparse
+    read (ResourceGather) in the lookup would turn it copy-on-read, and every
+    projection would then copy the table (keras-hub's `generate`: twice
+    Keras's time per token). An untied lookup still gathers sparsely."""
+    import tensorflow as tf
+
+    layer = ReversibleEmbedding(VOCAB, DIM, tie_weights=tie_weights)
+    layer.build()
+    step = tf.function(
+        lambda ids, h: (layer(ids, training=False), layer(h, reverse=True))
+    )
+    graph = step.get_concrete_function(
+        tf.TensorSpec((None, LENGTH), tf.int32), tf.TensorSpec((None, DIM))
+    ).graph
+    types = [op.type for op in graph.get_operations()]
+    assert ("ResourceGather" in types) is not tie_weights
+    assert ("GatherV2" in types) is tie_weights
+    ids = np.array([[1, 2, 3, 4, 5, VOCAB - 1]], "int32")
+    np.testing.assert_array_equal(
+        ops.convert_to_numpy(step(ids, np.zeros((1, DIM), "float32"))[0]),
+        ops.convert_to_numpy(layer.embeddings)[ids],
+    )
 
 
 def test_replace_embeddings_can_give_the_tables_their_own_optimizer():
