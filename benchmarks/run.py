@@ -172,6 +172,15 @@ def measure(args, backends, current):
     return results
 
 
+def now():
+    return datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+
+
+def command_line():
+    """This run's command, as the page quotes it."""
+    return shlex.join(["python", "benchmarks/run.py", *sys.argv[1:]])
+
+
 def machine():
     with open("/proc/cpuinfo") as cpuinfo:
         models = re.findall(r"model name\s*:\s*(.*)", cpuinfo.read())
@@ -195,7 +204,7 @@ def machine():
         "ram_gib": kib / 2**20,
         "os": f"{platform.system()} {platform.release()}",
         "versions": versions,
-        "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+        "date": now(),
     }
 
 
@@ -212,7 +221,7 @@ def document(args, backends, current, results, seconds):
     # JSON object keys are strings; repetitions per size keep int keys here.
     settings = json.loads(json.dumps(settings))
     return {
-        "command": shlex.join(["python", "benchmarks/run.py", *sys.argv[1:]]),
+        "command": command_line(),
         "quick": args.quick,
         "duration_s": seconds,
         "machine": machine(),
@@ -253,7 +262,7 @@ def updated(previous, args, results, current, seconds):
     previous["headline"] = summary.headline(previous["results"], current)
     previous.setdefault("updates", []).append(
         {
-            "command": shlex.join(["python", "benchmarks/run.py", *sys.argv[1:]]),
+            "command": command_line(),
             "date": machine()["date"],
             "duration_s": seconds,
             "backends": args.backends,

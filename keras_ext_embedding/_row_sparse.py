@@ -372,6 +372,5 @@ class RowSparseState:
         # be a sparse read, which turns it copy-on-read (every later dense
         # read copies it).
         inputs = [variable, self.iteration, *self.slots]
-        return self.guard.lookup(
-            lambda: lookup(*[ops.reshape(v, v.shape) for v in inputs])
-        )
+        with self.guard.lookup():
+            return lookup(*[ops.reshape(v, v.shape) for v in inputs])

@@ -18,6 +18,8 @@ When a rule runs tells the two kinds of backend apart, without naming one:
   second rule with no lookup since the last one belongs to the same step.
 """
 
+import contextlib
+
 
 class StepGuard:
     def __init__(self, layer_name, rule_name):
@@ -28,12 +30,13 @@ class StepGuard:
         # Held, not just its id: an id can be reused once its value is freed.
         self.last_counter_value = None
 
-    def lookup(self, run):
-        """Runs `run()`, one lookup."""
+    @contextlib.contextmanager
+    def lookup(self):
+        """The span of one lookup (`with guard.lookup(): ...`)."""
         self.lookups_since_rule += 1
         self.in_lookup = True
         try:
-            return run()
+            yield
         finally:
             self.in_lookup = False
 
