@@ -41,13 +41,16 @@ def test_artifact_gives_the_keras_model_outputs(exported, backend, fmt, mode):
     )
 
 
-@pytest.mark.parametrize("head", ["lm_float", "lm_int8_untied", "lm_int4_lora"])
+@pytest.mark.parametrize(
+    "head", ["lm_float", "lm_int8_untied", "lm_int4_lora", "lm_int4_partials"]
+)
 @pytest.mark.parametrize(("backend", "fmt"), ARTIFACTS)
 def test_language_model_head_artifact_gives_the_keras_logits(
     exported, backend, fmt, head
 ):
     """A ReversibleEmbedding's reverse projection (float with a soft cap,
-    int8's chunked integer product, int4 with LoRA) exports and serves."""
+    int8's chunked integer product, int4 with LoRA, int4 by per-group
+    partial logits) exports and serves."""
     root, served = exported
     logits = served[f"{backend}/{head}/{fmt}"]
     assert not isinstance(logits, dict), logits  # no runtime error

@@ -3,12 +3,16 @@
 A `ReversibleEmbedding`'s logits are `h @ table^T`: every row of the table is
 read once. A quantized table is widened to float32 for the product one chunk
 of rows at a time, so the float values that exist at any moment are those of
-one chunk (`CHUNK_BYTES`, or a sixteenth of a small table), never the
+one chunk (`CHUNK_BYTES`, or an eighth of a smaller table), never the
 `input_dim x output_dim` table that Keras builds on every int8/int4 call.
 The chunks are a Python loop of static slices: the same program eagerly and
-under a trace (XLA fuses each slice with its widening and its product), at
-most `MAX_CHUNKS` of them so that a traced program stays small and an eager
-call dispatches few ops.
+under a trace (XLA fuses each slice with its widening and its product). An
+eager op costs about 0.1 ms to dispatch on TensorFlow whatever its size, so
+chunks are large: with 16 MiB of float32 values (32 chunks of a 256,000 x
+512 table) int4 in groups of 128 ran 1.3x faster than with 8 MiB there;
+larger ones raised the peak memory of JAX's asynchronous eager calls past a
+quarter of the float table (docs/guides/language_models.md). At most
+`MAX_CHUNKS` keeps a traced program small.
 
 With quantized hidden states (Keras's int8 reverse path), the product of
 integers is computed exactly in float32 GEMMs: every partial sum of products
@@ -22,10 +26,10 @@ import math
 
 from keras import ops
 
-CHUNK_BYTES = 8 * 2**20  # of float32 values widened at a time
-# A small table is still cut in MIN_CHUNKS: a chunk's float values stay a
-# sixteenth of the float table's size; a big one in at most MAX_CHUNKS.
-MIN_CHUNKS = 16
+CHUNK_BYTES = 16 * 2**20  # of float32 values widened at a time
+# A small table is still cut in MIN_CHUNKS: a chunk's float values stay an
+# eighth of the float table's size; a big one in at most MAX_CHUNKS.
+MIN_CHUNKS = 8
 MAX_CHUNKS = 64
 FLOAT32_EXACT = 2**24
 INT8_BOUND = 128  # the largest magnitude of quantized hidden states

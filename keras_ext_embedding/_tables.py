@@ -27,15 +27,26 @@ unpacks on every int4 call; a projection reads the table in vocabulary
 chunks (`_projection`), so no float copy of it is ever made.
 """
 
+import math
+
 import keras
 import numpy as np
 from keras import ops
 
-from keras_ext_embedding import _checkpoint, _projection, _quantization, _runs
+from keras_ext_embedding import (
+    _checkpoint,
+    _ids,
+    _projection,
+    _quantization,
+    _runs,
+)
 
 FLOAT_SHAPE_HINT = (
     "Build the layer with the input_dim and output_dim the table was made for."
 )
+# The per-group dot of `(groups, tokens, half)` hidden columns with
+# `(groups, rows, half)` nibbles.
+GROUPS_FIRST = "gtk,gvk->gtv"
 QUANTIZED_SHAPE_HINT = (
     "Build the layer with the input_dim, output_dim, dtype policy and "
     "quantization_config the checkpoint was saved with."
@@ -499,10 +510,11 @@ class Int4Table(_QuantizedTable):
         partial sum far below 2**24."""
         place = self.placement
         packed = ops.convert_to_tensor(place.get(self.layer, "embeddings"))
+        nibbles = _nibbles_for(hidden)
         even, odd = _projection.split_columns(hidden, self.width)
 
         def chunk_logits(start, stop):
-            low, high = _quantization.nibbles(place.read(packed, start, stop))
+            low, high = nibbles(place.read(packed, start, stop))
             low, high = self._dequantized_nibbles(low, high, start, stop)
             return _projection.nibble_logits(even, odd, low, high)
 
@@ -570,6 +582,66 @@ class GroupedInt4Table(Int4Table):
         self.placement.delete(self.layer, "zero")
         if self.placement.has("g_idx"):
             self.placement.delete(self.layer, "g_idx")
+
+    def _chunked_logits(self, hidden, exact):
+        """`hidden @ values^T` of the dequantized values, chunk by chunk.
+
+        For a few hidden states (a decoding step: `tokens * groups <=
+        output_dim`) each group's dot with the stored integers is summed
+        apart, and the scales and zero points applied to those partial
+        logits, `sum_g scale * (h_g . q_g - zero * sum(h_g))`: no pass over
+        the chunk dequantizes it. More hidden states dequantize each chunk
+        (`_dequantized_nibbles`), which is then cheaper than the partials.
+        """
+        leading = hidden.shape[:-1]
+        # Unknown (None) or symbolic (a JAX export's) sizes: dequantize.
+        static = all(isinstance(size, int) for size in leading)
+        tokens = math.prod(leading) if static else None
+        groups, block_size = self.groups, self.block_size
+        if (
+            tokens is None
+            or tokens * groups > self.layer.output_dim
+            or block_size % 2
+            or self.layer.output_dim != groups * block_size
+        ):
+            return super()._chunked_logits(hidden, exact)
+        place, layer, rows = self.placement, self.layer, self.rows_count
+        packed = ops.convert_to_tensor(place.get(layer, "embeddings"))
+        scale, zero = (
+            place.read(ops.convert_to_tensor(place.get(layer, role)), 0, rows)
+            for role in ("scale", "zero")
+        )
+        nibbles = _nibbles_for(hidden)
+        half = block_size // 2
+        flat = ops.reshape(hidden, (tokens, layer.output_dim))
+        sums = ops.sum(ops.reshape(flat, (tokens, groups, block_size)), axis=-1)
+        # What the zero points take from every logit, for the whole table at
+        # once: `(tokens, groups) x (rows, groups)`.
+        offsets = ops.einsum(
+            "tg,vg->tv", sums, ops.multiply(ops.cast(zero, "float32"), scale)
+        )
+        scale = ops.expand_dims(ops.transpose(scale), 1)  # (groups, 1, rows)
+
+        def by_group(columns):
+            """`(n, groups * half)` -> `(groups, n, half)`."""
+            return ops.transpose(ops.reshape(columns, (-1, groups, half)), (1, 0, 2))
+
+        even, odd = (
+            by_group(columns) for columns in _projection.split_columns(flat, self.width)
+        )
+
+        def chunk_logits(start, stop):
+            low, high = nibbles(by_group(place.read(packed, start, stop)))
+            partial = ops.add(
+                ops.einsum(GROUPS_FIRST, even, low), ops.einsum(GROUPS_FIRST, odd, high)
+            )
+            # A product and a sum over the few groups (TensorFlow's einsum
+            # for this is 3x slower).
+            return ops.sum(ops.multiply(partial, scale[..., start:stop]), axis=0)
+
+        logits = _projection.chunked(rows, layer.output_dim, chunk_logits)
+        logits = ops.subtract(logits, offsets)
+        return ops.reshape(logits, (*hidden.shape[:-1], rows))
 
     def _dequantized_nibbles(self, low, high, start, stop):
         """`(nibble - zero) * scale` of rows `[start, stop)`, each nibble
@@ -660,6 +732,15 @@ class GroupedInt4Table(Int4Table):
         return ops.multiply(
             ops.cast(centered, "float32"), ops.take(scale, columns, axis=-1)
         )
+
+
+def _nibbles_for(hidden):
+    """How a projection of `hidden` unpacks int4 bytes: in int8 when it runs
+    eagerly, in float32 ops when traced (the exporters' form, which XLA
+    fuses into the product)."""
+    if _ids.is_concrete(hidden):
+        return _quantization.integer_nibbles
+    return _quantization.nibbles
 
 
 def _gather_rows(variable, index):

@@ -742,3 +742,18 @@ def test_keras_int4_lookup_unpacks_the_whole_table():
     layer.quantize("int4")
     sizes = [int(np.prod(shape)) for shape in table_sized_temporaries(layer, IDS)]
     assert max(sizes) >= BIG_VOCAB * 64 // 2  # the packed table, at least
+
+
+@pytest.mark.parametrize("form", ["nibbles", "integer_nibbles"])
+def test_both_nibble_forms_unpack_every_byte(form):
+    """Every int8 byte unpacks to its signed low and high nibbles (low in
+    the low four bits), as float32, in the float form traced functions hold
+    and in the int8 form eager projections run."""
+    from keras_ext_embedding import _quantization
+
+    packed = np.arange(-128, 128).astype("int8").reshape(16, 16)
+    low, high = getattr(_quantization, form)(ops.convert_to_tensor(packed))
+    as_int = packed.astype("int32")
+    assert dtype_of(low) == dtype_of(high) == "float32"
+    np.testing.assert_array_equal(ops.convert_to_numpy(high), as_int >> 4)
+    np.testing.assert_array_equal(ops.convert_to_numpy(low), ((as_int & 15) ^ 8) - 8)

@@ -91,12 +91,12 @@ def copy_variables(source, target):
         mine.assign(theirs)
 
 
-def layers_of(classes, rng, fmt, tie, lora=False, **kwargs):
-    """One layer of each class, with the same random float tables, then
-    quantized to `fmt`; with `lora`, the same random adapters (B away from
-    zero, so that they count)."""
+def layers_of(classes, rng, fmt, tie, lora=False, dim=None, **kwargs):
+    """One layer of each class, with the same random float tables (`dim`
+    columns, else the format's), then quantized to `fmt`; with `lora`, the
+    same random adapters (B away from zero, so that they count)."""
     mode, _ = FORMATS[fmt]
-    dim = dim_of(fmt)
+    dim = dim or dim_of(fmt)
     layers = [
         cls(VOCAB, dim, tie_weights=tie, name="tokens", **kwargs) for cls in classes
     ]
@@ -424,6 +424,41 @@ def test_quantized_logits_equal_numpy_reference(fmt, tie, lora, rng):
     got = layer(h, reverse=True)
     assert dtype_of(got) == "float32"
     assert_relclose(to_numpy(got), reverse_reference(layer, h))
+
+
+@pytest.mark.parametrize("traced", [False, True], ids=["eager", "predict"])
+@pytest.mark.parametrize(
+    "batch",
+    [(1,), (2, 3), (7, 4)],
+    ids=["one_token", "per_group_partials", "dequantized_chunks"],
+)
+@TIES
+def test_grouped_int4_logits_equal_numpy_reference_for_any_token_count(
+    tie, batch, traced, rng
+):
+    """Whole groups (48 columns in 6 groups of 8): up to 48 / 6 = 8 hidden
+    states take per-group partial logits, more dequantize each chunk;
+    eagerly the nibbles are unpacked in int8, in `predict` (traced on
+    TensorFlow and JAX) in float32 ops. Every way gives the logits of the
+    dequantized table, and the same as Keras's layer."""
+    layers = layers_of(
+        (ReversibleEmbedding, keras.layers.ReversibleEmbedding),
+        rng,
+        "int4-block8",
+        tie,
+        dim=48,
+    )
+    ours, theirs = layers
+    h = hidden(rng, 48, batch)
+    if traced:
+        inputs = keras.Input((*batch[1:], 48))
+        model = keras.Model(inputs, ours(inputs, reverse=True))
+        got = model.predict(h, batch_size=batch[0], verbose=0)
+    else:
+        got = to_numpy(ours(h, reverse=True))
+    assert got.shape == (*batch, VOCAB)
+    assert_relclose(got, reverse_reference(ours, h))
+    assert_relclose(got, raw(theirs(h, reverse=True)))
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["plain", "lora"])

@@ -23,7 +23,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np
 
-VOCAB, DIM = 50, 8
+VOCAB, DIM = 50, 32
 IDS = np.array([[1, 2, 3, 0, 0], [4, 5, 49, 7, 0]], dtype="int32")
 # Ids past the vocabulary and negative: zero rows wherever the graph has the
 # layer's masking.
@@ -38,7 +38,11 @@ MODES = ("raise", "zeros")
 LM_HEADS = {
     "lm_float": ({"logit_soft_cap": 3.0}, None, None),
     "lm_int8_untied": ({"tie_weights": False}, ("int8", None), None),
+    # 10 hidden states in 8 groups of 4: each chunk dequantized; in 2 groups
+    # of 16, per-group partial logits (where the export sees the batch size:
+    # PyTorch's, which also runs the int8 nibble form of eager calls).
     "lm_int4_lora": ({}, ("int4", 4), 2),
+    "lm_int4_partials": ({}, ("int4", 16), None),
 }
 
 
