@@ -42,7 +42,14 @@ def test_artifact_gives_the_keras_model_outputs(exported, backend, fmt, mode):
 
 
 @pytest.mark.parametrize(
-    "head", ["lm_float", "lm_int8_untied", "lm_int4_lora", "lm_int4_partials"]
+    "head",
+    [
+        "lm_float",
+        "lm_int8_untied",
+        "lm_int4_lora",
+        "lm_int4_partials",
+        "lm_int4_per_row_untied",
+    ],
 )
 @pytest.mark.parametrize(("backend", "fmt"), ARTIFACTS)
 def test_language_model_head_artifact_gives_the_keras_logits(

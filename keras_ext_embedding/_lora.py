@@ -86,12 +86,18 @@ class LoraAdapters:
     def project(self, hidden):
         """The delta of the projection `hidden @ (scale * A @ B)^T`, as
         `scale * (hidden @ B^T) @ A^T`: two thin products, float32, without
-        the `input_dim x output_dim` delta."""
+        the `input_dim x output_dim` delta.
+
+        The adapters are cast too: under a mixed policy Keras reads them in
+        the compute dtype inside the layer's call (its top-level autocast
+        scope ignores `layer.autocast`), and PyTorch's einsum, unlike the
+        others, does not promote mixed operands."""
         hidden = ops.cast(hidden, "float32")
-        low_rank = ops.einsum("...d,rd->...r", hidden, self.b)
+        b, a = (ops.cast(adapter, "float32") for adapter in (self.b, self.a))
+        low_rank = ops.einsum("...d,rd->...r", hidden, b)
         if self.scale != 1:
             low_rank = ops.multiply(low_rank, self.scale)
-        return ops.einsum("...r,vr->...v", low_rank, self.a)
+        return ops.einsum("...r,vr->...v", low_rank, a)
 
     def delta(self):
         """The whole `scale * A @ B`, float32: for merging, never a lookup."""

@@ -24,7 +24,10 @@ integer logits bit for bit.
 
 import math
 
+import keras
 from keras import ops
+
+from keras_ext_embedding import _quantization
 
 CHUNK_BYTES = 16 * 2**20  # of float32 values widened at a time
 # A small table is still cut in MIN_CHUNKS: a chunk's float values stay an
@@ -34,6 +37,7 @@ MAX_CHUNKS = 64
 FLOAT32_EXACT = 2**24
 INT8_BOUND = 128  # the largest magnitude of quantized hidden states
 ROWS_FIRST = "...d,vd->...v"
+HALF_DTYPES = ("bfloat16", "float16")
 
 
 def chunk_bounds(rows, width):
@@ -52,14 +56,36 @@ def chunked(rows, width, chunk_logits):
     return parts[0] if len(parts) == 1 else ops.concatenate(parts, axis=-1)
 
 
+def table_logits(hidden, table, transposed=False):
+    """`hidden @ table^T`, `(..., width) -> (..., rows)`, of a table stored
+    rows first (`(rows, width)`) or `transposed` (`(width, rows)`), in one
+    product and without a transposed copy of the table.
+
+    float32: one einsum contracting the table's own axis (`matmul(h,
+    transpose(table))` copies the table eagerly on JAX and TensorFlow; under
+    XLA both forms compile to one dot). 16-bit: a matmul, the hidden states
+    flattened to rows and the table first, `(table @ rows^T)^T`, because
+    TensorFlow's einsum with a leading ellipsis returns wrong bfloat16 and
+    float16 values on CPUs with AMX (oneDNN; errors the size of the logits
+    themselves, TensorFlow 2.21) and PyTorch's CPU einsum runs bfloat16
+    50-100x slower than its matmul (docs/guides/language_models.md).
+    """
+    if keras.backend.standardize_dtype(hidden.dtype) not in HALF_DTYPES:
+        return ops.einsum("...d,dv->...v" if transposed else ROWS_FIRST, hidden, table)
+    if transposed:
+        return ops.matmul(hidden, table)
+    shape = ops.shape(hidden)
+    flat = ops.reshape(hidden, (-1, shape[-1]))
+    logits = ops.transpose(ops.matmul(table, ops.transpose(flat)))
+    return ops.reshape(logits, (*shape[:-1], table.shape[0]))
+
+
 def chunked_logits(hidden, rows, width, kernel):
     """`hidden @ table^T`, `(..., width) -> (..., rows)`, where
     `kernel(start, stop)` gives rows `[start, stop)` of the table, rows first,
     in the dtype of `hidden`."""
     return chunked(
-        rows,
-        width,
-        lambda start, stop: ops.einsum(ROWS_FIRST, hidden, kernel(start, stop)),
+        rows, width, lambda start, stop: table_logits(hidden, kernel(start, stop))
     )
 
 
@@ -103,7 +129,53 @@ def split_columns(hidden, half_width):
     return even, odd
 
 
-def nibble_logits(even, odd, low, high):
+def nibble_logits(even, odd, low, high, equation=ROWS_FIRST):
     """`hidden @ table^T` of a chunk given as its low and high nibbles
     (`(rows, half_width)` each, float32): no interleaved copy of the chunk."""
-    return ops.add(ops.einsum(ROWS_FIRST, even, low), ops.einsum(ROWS_FIRST, odd, high))
+    return ops.add(ops.einsum(equation, even, low), ops.einsum(equation, odd, high))
+
+
+class NibbleProduct:
+    """The product of hidden columns with packed int4 bytes, a chunk at a
+    time: `even . low + odd . high` over each byte's signed nibbles, the low
+    one meeting the even hidden column and the high one the odd.
+
+    `logits(packed)` is that product for a chunk of bytes, less `offset`
+    (`(..., 1)`, or `None`), which the caller adds to every logit before any
+    scale. `shifted=False` unpacks each byte's nibbles (`unpack`, float32
+    ops by default: the form exporters translate and XLA fuses).
+    `shifted=True` unpacks nothing, for eager calls: a byte `b` holds `16 *
+    high + (low mod 16)`, so with the low nibble's sign bit flipped, `c = b ^
+    8` holds `16 * high + low + 8` (in int8, exactly) and `w = c & 15` holds
+    `low + 8`. Then `low = w - 8`, `high = (c - w) / 16`, and
+
+        even . low + odd . high = (even - odd / 16) . w + (odd / 16) . c
+                                  - 8 * sum(even)
+
+    two int8 ops and two widenings a chunk, where unpacking takes six and
+    two (TensorFlow dispatches each eager op for about 0.1 ms and runs
+    int8 ops at a few GB/s). The hidden side is folded once a call.
+    Not exact for integer hidden states of a wide table (the folded columns
+    are sixteenths): `shifted=False` is.
+    """
+
+    def __init__(self, even, odd, shifted, equation=ROWS_FIRST, unpack=None):
+        self.equation = equation
+        self.shifted = shifted
+        self.unpack = unpack or _quantization.nibbles
+        if shifted:
+            sixteenth = ops.multiply(odd, 1 / 16)
+            self.columns = (ops.subtract(even, sixteenth), sixteenth)
+            self.offset = ops.multiply(ops.sum(even, axis=-1, keepdims=True), -8.0)
+        else:
+            self.columns = (even, odd)
+            self.offset = None
+
+    def logits(self, packed):
+        if self.shifted:
+            flipped = ops.bitwise_xor(packed, _quantization.LOW_SIGN)
+            shifted_low = ops.bitwise_and(flipped, _quantization.LOW_NIBBLE)
+            values = (ops.cast(shifted_low, "float32"), ops.cast(flipped, "float32"))
+        else:
+            values = self.unpack(packed)
+        return nibble_logits(*self.columns, *values, equation=self.equation)

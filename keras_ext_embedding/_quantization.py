@@ -165,14 +165,15 @@ def nibbles(packed):
 
 
 def integer_nibbles(packed):
-    """`nibbles`, computed in int8 and widened once: for eager calls.
+    """`nibbles`, computed in int8 and widened once: for eager calls that
+    need the values themselves (a grouped table dequantizing its chunks).
 
     Each eager op is a pass over the bytes, and an int8 pass reads and
     writes a quarter of a float32 one; this form runs 3-5x faster than
     `nibbles` on CPU (docs/guides/language_models.md). Exact also where
     PyTorch's ONNX export, which traces eager calls, rewrites the ops: the
     right shift meets only multiples of 16 (the export turns it into a
-    division rounding toward zero), and no xor is needed.
+    division rounding toward zero).
     """
     # int8 masks: Keras's TensorFlow `bitwise_and` widens both sides to the
     # dtype of a Python int's tensor (int32), a 4x wider pass.

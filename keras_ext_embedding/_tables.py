@@ -234,11 +234,9 @@ class FloatTable(_Table):
         dot_dtype = keras.backend.result_type(table.dtype, dtype)
         hidden = ops.cast(hidden, dot_dtype)
         if keras.backend.standardize_dtype(table.dtype) == dot_dtype:
-            # One einsum, contracting the table's own axis: no transposed
-            # copy (`matmul(h, transpose(table))` copies the table eagerly on
-            # JAX and TensorFlow; under XLA both forms compile to one dot).
-            spec = "...d,dv->...v" if self.placement.transposed else "...d,vd->...v"
-            logits = ops.einsum(spec, hidden, table)
+            logits = _projection.table_logits(
+                hidden, table, transposed=self.placement.transposed
+            )
         else:
             logits = _projection.chunked_logits(
                 hidden,
@@ -503,27 +501,24 @@ class Int4Table(_QuantizedTable):
         return _quantization.unpack_int4(values, self.layer.output_dim, dtype)
 
     def _chunked_logits(self, hidden, exact):
-        """`hidden @ values^T`, chunk by chunk, each chunk's low and high
-        nibbles multiplied by the even and odd hidden columns: no
-        interleaved copy (its stack and reshape cost several times the
-        product). Exact for integer hidden states: int4 values keep every
-        partial sum far below 2**24."""
+        """`hidden @ values^T` of the stored integers, chunk by chunk, the
+        even and odd hidden columns meeting each byte's low and high nibbles
+        (`_projection.NibbleProduct`): no interleaved copy of a chunk (its
+        stack and reshape cost several times the product). Exact for
+        integer hidden states: their product unpacks the nibbles, and int4
+        values keep every partial sum far below 2**24."""
         place = self.placement
         packed = ops.convert_to_tensor(place.get(self.layer, "embeddings"))
-        nibbles = _nibbles_for(hidden)
         even, odd = _projection.split_columns(hidden, self.width)
-
-        def chunk_logits(start, stop):
-            low, high = nibbles(place.read(packed, start, stop))
-            low, high = self._dequantized_nibbles(low, high, start, stop)
-            return _projection.nibble_logits(even, odd, low, high)
-
-        return _projection.chunked(self.rows_count, self.layer.output_dim, chunk_logits)
-
-    def _dequantized_nibbles(self, low, high, start, stop):
-        """The values the projection multiplies: per row, the integers (the
-        scale divides the logits afterwards)."""
-        return low, high
+        product = _projection.NibbleProduct(
+            even, odd, shifted=_ids.is_concrete(hidden) and not exact
+        )
+        logits = _projection.chunked(
+            self.rows_count,
+            self.layer.output_dim,
+            lambda start, stop: product.logits(place.read(packed, start, stop)),
+        )
+        return logits if product.offset is None else ops.add(logits, product.offset)
 
 
 class GroupedInt4Table(Int4Table):
@@ -604,23 +599,16 @@ class GroupedInt4Table(Int4Table):
             or block_size % 2
             or self.layer.output_dim != groups * block_size
         ):
-            return super()._chunked_logits(hidden, exact)
+            return self._dequantized_logits(hidden)
         place, layer, rows = self.placement, self.layer, self.rows_count
         packed = ops.convert_to_tensor(place.get(layer, "embeddings"))
         scale, zero = (
             place.read(ops.convert_to_tensor(place.get(layer, role)), 0, rows)
             for role in ("scale", "zero")
         )
-        nibbles = _nibbles_for(hidden)
         half = block_size // 2
         flat = ops.reshape(hidden, (tokens, layer.output_dim))
         sums = ops.sum(ops.reshape(flat, (tokens, groups, block_size)), axis=-1)
-        # What the zero points take from every logit, for the whole table at
-        # once: `(tokens, groups) x (rows, groups)`.
-        offsets = ops.einsum(
-            "tg,vg->tv", sums, ops.multiply(ops.cast(zero, "float32"), scale)
-        )
-        scale = ops.expand_dims(ops.transpose(scale), 1)  # (groups, 1, rows)
 
         def by_group(columns):
             """`(n, groups * half)` -> `(groups, n, half)`."""
@@ -629,12 +617,24 @@ class GroupedInt4Table(Int4Table):
         even, odd = (
             by_group(columns) for columns in _projection.split_columns(flat, self.width)
         )
+        product = _projection.NibbleProduct(
+            even, odd, shifted=_ids.is_concrete(hidden), equation=GROUPS_FIRST
+        )
+        # What the zero points (and the product's offset, `(groups, tokens,
+        # 1)`) take from every logit, for the whole table at once:
+        # `(tokens, groups) x (rows, groups)`.
+        offsets = ops.einsum(
+            "tg,vg->tv", sums, ops.multiply(ops.cast(zero, "float32"), scale)
+        )
+        if product.offset is not None:
+            offsets = ops.subtract(
+                offsets,
+                ops.einsum("tg,vg->tv", ops.transpose(product.offset[..., 0]), scale),
+            )
+        scale = ops.expand_dims(ops.transpose(scale), 1)  # (groups, 1, rows)
 
         def chunk_logits(start, stop):
-            low, high = nibbles(by_group(place.read(packed, start, stop)))
-            partial = ops.add(
-                ops.einsum(GROUPS_FIRST, even, low), ops.einsum(GROUPS_FIRST, odd, high)
-            )
+            partial = product.logits(by_group(place.read(packed, start, stop)))
             # A product and a sum over the few groups (TensorFlow's einsum
             # for this is 3x slower).
             return ops.sum(ops.multiply(partial, scale[..., start:stop]), axis=0)
@@ -642,6 +642,25 @@ class GroupedInt4Table(Int4Table):
         logits = _projection.chunked(rows, layer.output_dim, chunk_logits)
         logits = ops.subtract(logits, offsets)
         return ops.reshape(logits, (*hidden.shape[:-1], rows))
+
+    def _dequantized_logits(self, hidden):
+        """`hidden @ values^T` of the dequantized values, chunk by chunk:
+        each chunk's nibbles unpacked (in int8 when eager), then
+        dequantized (`_dequantized_nibbles`)."""
+        place = self.placement
+        packed = ops.convert_to_tensor(place.get(self.layer, "embeddings"))
+        even, odd = _projection.split_columns(hidden, self.width)
+        if _ids.is_concrete(hidden):
+            unpack = _quantization.integer_nibbles
+        else:
+            unpack = _quantization.nibbles
+
+        def chunk_logits(start, stop):
+            low, high = unpack(place.read(packed, start, stop))
+            low, high = self._dequantized_nibbles(low, high, start, stop)
+            return _projection.nibble_logits(even, odd, low, high)
+
+        return _projection.chunked(self.rows_count, self.layer.output_dim, chunk_logits)
 
     def _dequantized_nibbles(self, low, high, start, stop):
         """`(nibble - zero) * scale` of rows `[start, stop)`, each nibble
@@ -732,15 +751,6 @@ class GroupedInt4Table(Int4Table):
         return ops.multiply(
             ops.cast(centered, "float32"), ops.take(scale, columns, axis=-1)
         )
-
-
-def _nibbles_for(hidden):
-    """How a projection of `hidden` unpacks int4 bytes: in int8 when it runs
-    eagerly, in float32 ops when traced (the exporters' form, which XLA
-    fuses into the product)."""
-    if _ids.is_concrete(hidden):
-        return _quantization.integer_nibbles
-    return _quantization.nibbles
 
 
 def _gather_rows(variable, index):
