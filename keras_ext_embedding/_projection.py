@@ -61,23 +61,38 @@ def table_logits(hidden, table, transposed=False):
     rows first (`(rows, width)`) or `transposed` (`(width, rows)`), in one
     product and without a transposed copy of the table.
 
-    float32: one einsum contracting the table's own axis (`matmul(h,
+    In general one einsum contracting the table's own axis (`matmul(h,
     transpose(table))` copies the table eagerly on JAX and TensorFlow; under
-    XLA both forms compile to one dot). 16-bit: a matmul, the hidden states
-    flattened to rows and the table first, `(table @ rows^T)^T`, because
-    TensorFlow's einsum with a leading ellipsis returns wrong bfloat16 and
-    float16 values on CPUs with AMX (oneDNN; errors the size of the logits
-    themselves, TensorFlow 2.21) and PyTorch's CPU einsum runs bfloat16
-    50-100x slower than its matmul (docs/guides/language_models.md).
+    XLA both forms compile to one dot). A matmul with the table first,
+    `(table @ rows^T)^T` of the hidden states flattened to rows, where the
+    einsum is slow or wrong (docs/guides/language_models.md):
+
+    - one hidden state (a decoding step of one sequence): TensorFlow's
+      einsum takes 1.6x the matmul's time (a 256,000 x 512 table: 34 ms
+      against 21), the same on JAX and PyTorch;
+    - 16-bit values: TensorFlow's einsum with a leading ellipsis returns
+      wrong bfloat16 and float16 values on CPUs with AMX (oneDNN; errors
+      the size of the logits, TensorFlow 2.21), and PyTorch's CPU einsum
+      runs bfloat16 50-100x slower than its matmul.
     """
-    if keras.backend.standardize_dtype(hidden.dtype) not in HALF_DTYPES:
-        return ops.einsum("...d,dv->...v" if transposed else ROWS_FIRST, hidden, table)
+    half = keras.backend.standardize_dtype(hidden.dtype) in HALF_DTYPES
     if transposed:
-        return ops.matmul(hidden, table)
+        if half:
+            return ops.matmul(hidden, table)
+        return ops.einsum("...d,dv->...v", hidden, table)
+    if not (half or _static_rows(hidden) == 1):
+        return ops.einsum(ROWS_FIRST, hidden, table)
     shape = ops.shape(hidden)
     flat = ops.reshape(hidden, (-1, shape[-1]))
     logits = ops.transpose(ops.matmul(table, ops.transpose(flat)))
     return ops.reshape(logits, (*shape[:-1], table.shape[0]))
+
+
+def _static_rows(hidden):
+    """How many hidden states `hidden` holds, or None where a traced
+    dimension is unknown."""
+    leading = tuple(hidden.shape[:-1])
+    return None if None in leading else math.prod(leading)
 
 
 def chunked_logits(hidden, rows, width, kernel):

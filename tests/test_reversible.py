@@ -641,20 +641,26 @@ def test_reverse_output_dtype_is_reverse_dtype_or_compute_dtype(
     assert_relclose(to_numpy(layer(h, reverse=True)), reverse_reference(layer, h), 3e-2)
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "mixed_float16"])
+@pytest.mark.parametrize(
+    "dtype", ["float32", "bfloat16", "float16", "mixed_float16", "mixed_bfloat16"]
+)
 @pytest.mark.parametrize("lora", [False, True], ids=["plain", "lora"])
 @TIES
-@pytest.mark.parametrize("batch", [(), (5,), (3, 4), (2, 3, 2)], ids=len)
-def test_half_precision_logits_match_numpy(batch, tie, lora, dtype, rng):
-    """16-bit logits of any hidden shape and odd widths (13 columns): where
-    TensorFlow's ellipsis einsum goes wrong on AMX CPUs (errors the size of
-    the logits), ours stay the reference's."""
+@pytest.mark.parametrize(
+    "batch", [(), (1,), (1, 1), (5,), (3, 4), (2, 3, 2)], ids=lambda b: f"{b}"
+)
+def test_float_logits_of_any_shape_match_numpy(batch, tie, lora, dtype, rng):
+    """Every hidden shape (one state takes a table-first matmul) and 16-bit
+    values at odd widths (13 columns: where TensorFlow's ellipsis einsum goes
+    wrong on AMX CPUs, errors the size of the logits) give the reference's
+    logits."""
     layer = built("float", tie, rng, lora=lora, dtype=dtype)
     h = hidden(rng, DIM, batch)
     logits = layer(h, reverse=True)
     assert tuple(logits.shape) == (*batch, VOCAB)
     assert dtype_of(logits) == layer.compute_dtype
-    assert_relclose(to_numpy(logits), reverse_reference(layer, h), 2e-2)
+    rtol = 1e-5 if dtype == "float32" else 2e-2
+    assert_relclose(to_numpy(logits), reverse_reference(layer, h), rtol)
 
 
 def test_compute_output_spec_of_lookup():
