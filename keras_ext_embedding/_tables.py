@@ -581,12 +581,15 @@ class GroupedInt4Table(Int4Table):
     def _chunked_logits(self, hidden, exact):
         """`hidden @ values^T` of the dequantized values, chunk by chunk.
 
-        For a few hidden states (a decoding step: `tokens * groups <=
-        output_dim`) each group's dot with the stored integers is summed
+        Eagerly, for a few hidden states (a decoding step: `tokens * groups
+        <= output_dim`), each group's dot with the stored integers is summed
         apart, and the scales and zero points applied to those partial
         logits, `sum_g scale * (h_g . q_g - zero * sum(h_g))`: no pass over
-        the chunk dequantizes it. More hidden states dequantize each chunk
-        (`_dequantized_nibbles`), which is then cheaper than the partials.
+        the chunk dequantizes it. More hidden states, and traced calls,
+        dequantize each chunk (`_dequantized_nibbles`): XLA fuses that into
+        the product and hoists it out of a decoding loop, where the partials
+        took 1.2-1.6x its time (`jax.jit`, `jit_compile=True`, keras-hub
+        `generate`; docs/guides/language_models.md).
         """
         leading = hidden.shape[:-1]
         # Unknown (None) or symbolic (a JAX export's) sizes: dequantize.
@@ -595,6 +598,7 @@ class GroupedInt4Table(Int4Table):
         groups, block_size = self.groups, self.block_size
         if (
             tokens is None
+            or not _ids.is_concrete(hidden)
             or tokens * groups > self.layer.output_dim
             or block_size % 2
             or self.layer.output_dim != groups * block_size
@@ -618,19 +622,17 @@ class GroupedInt4Table(Int4Table):
             by_group(columns) for columns in _projection.split_columns(flat, self.width)
         )
         product = _projection.NibbleProduct(
-            even, odd, shifted=_ids.is_concrete(hidden), equation=GROUPS_FIRST
+            even, odd, shifted=True, equation=GROUPS_FIRST
         )
-        # What the zero points (and the product's offset, `(groups, tokens,
+        # What the zero points and the product's offset (`(groups, tokens,
         # 1)`) take from every logit, for the whole table at once:
         # `(tokens, groups) x (rows, groups)`.
-        offsets = ops.einsum(
-            "tg,vg->tv", sums, ops.multiply(ops.cast(zero, "float32"), scale)
+        offsets = ops.subtract(
+            ops.einsum(
+                "tg,vg->tv", sums, ops.multiply(ops.cast(zero, "float32"), scale)
+            ),
+            ops.einsum("tg,vg->tv", ops.transpose(product.offset[..., 0]), scale),
         )
-        if product.offset is not None:
-            offsets = ops.subtract(
-                offsets,
-                ops.einsum("tg,vg->tv", ops.transpose(product.offset[..., 0]), scale),
-            )
         scale = ops.expand_dims(ops.transpose(scale), 1)  # (groups, 1, rows)
 
         def chunk_logits(start, stop):

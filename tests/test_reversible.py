@@ -436,11 +436,12 @@ def test_quantized_logits_equal_numpy_reference(fmt, tie, lora, rng):
 def test_grouped_int4_logits_equal_numpy_reference_for_any_token_count(
     tie, batch, traced, rng
 ):
-    """Whole groups (48 columns in 6 groups of 8): up to 48 / 6 = 8 hidden
-    states take per-group partial logits, more dequantize each chunk;
-    eagerly the nibbles are unpacked in int8, in `predict` (traced on
-    TensorFlow and JAX) in float32 ops. Every way gives the logits of the
-    dequantized table, and the same as Keras's layer."""
+    """Whole groups (48 columns in 6 groups of 8): eagerly, up to 48 / 6 = 8
+    hidden states take per-group partial logits (bytes with a flipped sign
+    bit), more dequantize each chunk (nibbles unpacked in int8); `predict`
+    (traced on TensorFlow and JAX) dequantizes each chunk with float32 ops.
+    Every way gives the logits of the dequantized table, and the same as
+    Keras's layer."""
     layers = layers_of(
         (ReversibleEmbedding, keras.layers.ReversibleEmbedding),
         rng,

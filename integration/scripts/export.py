@@ -39,10 +39,10 @@ LM_HEADS = {
     "lm_float": ({"logit_soft_cap": 3.0}, None, None),
     "lm_int8_untied": ({"tie_weights": False}, ("int8", None), None),
     # 10 hidden states in 8 groups of 4: each chunk dequantized; in 2 groups
-    # of 16, per-group partial logits (where the export sees the batch size:
-    # PyTorch's, which also runs the eager form: bytes with a flipped sign
-    # bit, no nibbles unpacked). Untied per-row int4: that form on the
-    # transposed reverse table.
+    # of 16, per-group partial logits where the export runs the layer
+    # eagerly (PyTorch's: bytes with a flipped sign bit, no nibbles
+    # unpacked), dequantized chunks where it traces. Untied per-row int4:
+    # both forms on the transposed reverse table.
     "lm_int4_lora": ({}, ("int4", 4), 2),
     "lm_int4_partials": ({}, ("int4", 16), None),
     "lm_int4_per_row_untied": ({"tie_weights": False}, ("int4", -1), None),
