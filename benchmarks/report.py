@@ -319,6 +319,19 @@ hits them alike; ratios of medians are steadier than the absolute times.
 Differences within about 10% are within the noise of this machine."""
 
 
+def update_machine(data, update):
+    """Where an update ran on another CPU than the run it updates: which
+    (its figures and the rest of the page's compare across machines)."""
+    machine = data["machine"]
+    cpu, cores = update.get("cpu"), update.get("cores")
+    if cpu is None or (cpu, cores) == (machine["cpu"], machine["cores"]):
+        return ""
+    return (
+        f", on another machine: {cpu}, {cores} cores (compare its figures "
+        "with each other, not with the rest of the page's)"
+    )
+
+
 def intro(data):
     minutes = data["duration_s"] / 60
     quick = ""
@@ -330,7 +343,7 @@ def intro(data):
     updates = "".join(
         f"\n\nThen `{update['command']}` on {update['date']} measured "
         f"{', '.join(update['sections'])} again on {', '.join(update['backends'])} "
-        f"({update['duration_s'] / 60:.1f} minutes)."
+        f"({update['duration_s'] / 60:.1f} minutes){update_machine(data, update)}."
         for update in data.get("updates", [])
     )
     return f"""# Benchmarks

@@ -260,10 +260,14 @@ def updated(previous, args, results, current, seconds):
     measured = set(previous["sections"]) | set(args.sections)
     previous["sections"] = [s for s in SECTIONS if s in measured]
     previous["headline"] = summary.headline(previous["results"], current)
+    here = machine()
     previous.setdefault("updates", []).append(
         {
             "command": command_line(),
-            "date": machine()["date"],
+            "date": here["date"],
+            # The machine can differ from the earlier run's: the page says so.
+            "cpu": here["cpu"],
+            "cores": here["cores"],
             "duration_s": seconds,
             "backends": args.backends,
             "sections": args.sections,

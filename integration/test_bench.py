@@ -220,8 +220,18 @@ def test_update_remeasures_some_sections_and_keeps_the_rest(quick_run, tmp_path)
         assert torch_after[name] == torch_before[name], name
     for backend in ("tensorflow", "jax"):
         assert data["results"][backend] == before["results"][backend]
+    assert update["cpu"] == data["machine"]["cpu"]
     page = (out / "benchmarks.md").read_text()
     assert "measured native_floor again on torch" in page
+    assert "on another machine" not in page
+    # An update from another CPU says so on the page.
+    data["updates"][0]["cpu"] = "Another CPU"
+    moved = tmp_path / "moved.json"
+    moved.write_text(json.dumps(data))
+    redrawn = tmp_path / "redrawn"
+    run_under("torch", RUN, "--from-json", moved, "--output-dir", redrawn)
+    page = (redrawn / "benchmarks.md").read_text()
+    assert "on another machine: Another CPU" in page
 
 
 def test_update_refuses_a_json_of_the_other_kind(quick_run, tmp_path):
