@@ -68,6 +68,14 @@ def quick_run(tmp_path_factory):
     return tmp_path
 
 
+def redrawn(data, tmp_path):
+    """The output directory of `--from-json` on the JSON document `data`."""
+    source, out = tmp_path / "source.json", tmp_path / "redrawn"
+    source.write_text(json.dumps(data))
+    run_under("tensorflow", RUN, "--from-json", source, "--output-dir", out)
+    return out
+
+
 def test_quick_benchmark_writes_json_markdown_and_figures(quick_run):
     tmp_path = quick_run
     data = json.loads((tmp_path / "benchmarks.json").read_text())
@@ -150,10 +158,7 @@ def test_a_run_of_some_sections_draws_only_their_figures(quick_run, tmp_path):
     for result in data["results"].values():
         for section in dropped:
             result.pop(section)
-    source = tmp_path / "subset.json"
-    source.write_text(json.dumps(data))
-    out = tmp_path / "out"
-    run_under("tensorflow", RUN, "--from-json", source, "--output-dir", out)
+    out = redrawn(data, tmp_path)
 
     assert not (out / "img").exists() or not list((out / "img").iterdir())
     page = (out / "benchmarks.md").read_text()
@@ -185,12 +190,7 @@ def test_a_json_from_before_the_reverse_section_still_renders(quick_run, tmp_pat
             ("reverse", "decoding", "training", "after_training", "bandwidth")
         )
     }
-    source = tmp_path / "old.json"
-    source.write_text(json.dumps(data))
-    out = tmp_path / "out"
-    run_under("tensorflow", RUN, "--from-json", source, "--output-dir", out)
-
-    page = (out / "benchmarks.md").read_text()
+    page = (redrawn(data, tmp_path) / "benchmarks.md").read_text()
     assert "(img/vocab_scaling_forward.png)" in page
     assert "(img/reverse_projection.png)" not in page
     assert "(img/training_scaling.png)" not in page
@@ -226,11 +226,7 @@ def test_update_remeasures_some_sections_and_keeps_the_rest(quick_run, tmp_path)
     assert "on another machine" not in page
     # An update from another CPU says so on the page.
     data["updates"][0]["cpu"] = "Another CPU"
-    moved = tmp_path / "moved.json"
-    moved.write_text(json.dumps(data))
-    redrawn = tmp_path / "redrawn"
-    run_under("torch", RUN, "--from-json", moved, "--output-dir", redrawn)
-    page = (redrawn / "benchmarks.md").read_text()
+    page = (redrawn(data, tmp_path) / "benchmarks.md").read_text()
     assert "on another machine: Another CPU" in page
 
 

@@ -80,7 +80,7 @@ def table_logits(hidden, table, transposed=False):
         if half:
             return ops.matmul(hidden, table)
         return ops.einsum("...d,dv->...v", hidden, table)
-    if not (half or _static_rows(hidden) == 1):
+    if not (half or static_rows(hidden) == 1):
         return ops.einsum(ROWS_FIRST, hidden, table)
     shape = ops.shape(hidden)
     flat = ops.reshape(hidden, (-1, shape[-1]))
@@ -88,11 +88,13 @@ def table_logits(hidden, table, transposed=False):
     return ops.reshape(logits, (*shape[:-1], table.shape[0]))
 
 
-def _static_rows(hidden):
-    """How many hidden states `hidden` holds, or None where a traced
-    dimension is unknown."""
-    leading = tuple(hidden.shape[:-1])
-    return None if None in leading else math.prod(leading)
+def static_rows(hidden):
+    """How many hidden states `hidden` holds, or None where a traced size is
+    unknown (None) or symbolic (a JAX export's)."""
+    leading = hidden.shape[:-1]
+    if all(isinstance(size, int) for size in leading):
+        return math.prod(leading)
+    return None
 
 
 def chunked_logits(hidden, rows, width, kernel):
@@ -157,8 +159,8 @@ class NibbleProduct:
 
     `logits(packed)` is that product for a chunk of bytes, less `offset`
     (`(..., 1)`, or `None`), which the caller adds to every logit before any
-    scale. `shifted=False` unpacks each byte's nibbles (`unpack`, float32
-    ops by default: the form exporters translate and XLA fuses).
+    scale. `shifted=False` unpacks each byte's nibbles with float32 ops (the
+    form exporters translate and XLA fuses).
     `shifted=True` unpacks nothing, for eager calls: a byte `b` holds `16 *
     high + (low mod 16)`, so with the low nibble's sign bit flipped, `c = b ^
     8` holds `16 * high + low + 8` (in int8, exactly) and `w = c & 15` holds
@@ -174,10 +176,9 @@ class NibbleProduct:
     are sixteenths): `shifted=False` is.
     """
 
-    def __init__(self, even, odd, shifted, equation=ROWS_FIRST, unpack=None):
+    def __init__(self, even, odd, shifted, equation=ROWS_FIRST):
         self.equation = equation
         self.shifted = shifted
-        self.unpack = unpack or _quantization.nibbles
         if shifted:
             sixteenth = ops.multiply(odd, 1 / 16)
             self.columns = (ops.subtract(even, sixteenth), sixteenth)
@@ -192,5 +193,5 @@ class NibbleProduct:
             shifted_low = ops.bitwise_and(flipped, _quantization.LOW_NIBBLE)
             values = (ops.cast(shifted_low, "float32"), ops.cast(flipped, "float32"))
         else:
-            values = self.unpack(packed)
+            values = _quantization.nibbles(packed)
         return nibble_logits(*self.columns, *values, equation=self.equation)

@@ -27,8 +27,6 @@ unpacks on every int4 call; a projection reads the table in vocabulary
 chunks (`_projection`), so no float copy of it is ever made.
 """
 
-import math
-
 import keras
 import numpy as np
 from keras import ops
@@ -591,10 +589,7 @@ class GroupedInt4Table(Int4Table):
         took 1.2-1.6x its time (`jax.jit`, `jit_compile=True`, keras-hub
         `generate`; docs/guides/language_models.md).
         """
-        leading = hidden.shape[:-1]
-        # Unknown (None) or symbolic (a JAX export's) sizes: dequantize.
-        static = all(isinstance(size, int) for size in leading)
-        tokens = math.prod(leading) if static else None
+        tokens = _projection.static_rows(hidden)
         groups, block_size = self.groups, self.block_size
         if (
             tokens is None
