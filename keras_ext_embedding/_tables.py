@@ -42,6 +42,9 @@ from keras_ext_embedding import (
 FLOAT_SHAPE_HINT = (
     "Build the layer with the input_dim and output_dim the table was made for."
 )
+# The per-group dot of `(groups, tokens, half)` hidden columns with
+# `(groups, rows, half)` nibbles.
+GROUPS_FIRST = "gtk,gvk->gtv"
 QUANTIZED_SHAPE_HINT = (
     "Build the layer with the input_dim, output_dim, dtype policy and "
     "quantization_config the checkpoint was saved with."
@@ -504,8 +507,7 @@ class Int4Table(_QuantizedTable):
         values keep every partial sum far below 2**24."""
         place = self.placement
         packed = ops.convert_to_tensor(place.get(self.layer, "embeddings"))
-        columns = _projection.Columns(hidden)
-        even, odd = _projection.split_columns(columns.values, self.width)
+        even, odd = _projection.split_columns(hidden, self.width)
         product = _projection.NibbleProduct(
             even, odd, shifted=_ids.is_concrete(hidden) and not exact
         )
@@ -514,9 +516,7 @@ class Int4Table(_QuantizedTable):
             self.layer.output_dim,
             lambda start, stop: product.logits(place.read(packed, start, stop)),
         )
-        if product.offset is not None:
-            logits = ops.add(logits, product.offset)
-        return columns.logits(logits)
+        return logits if product.offset is None else ops.add(logits, product.offset)
 
 
 class GroupedInt4Table(Int4Table):
@@ -606,33 +606,39 @@ class GroupedInt4Table(Int4Table):
             for role in ("scale", "zero")
         )
         half = block_size // 2
-        columns = _projection.Columns(hidden)
-        # Each group's columns, `(groups, block_size, n)`: a free reshape.
-        sums = ops.sum(ops.reshape(columns.values, (groups, block_size, -1)), axis=1)
+        flat = ops.reshape(hidden, (tokens, layer.output_dim))
+        sums = ops.sum(ops.reshape(flat, (tokens, groups, block_size)), axis=-1)
+
+        def by_group(columns):
+            """`(n, groups * half)` -> `(groups, n, half)`."""
+            return ops.transpose(ops.reshape(columns, (-1, groups, half)), (1, 0, 2))
+
         even, odd = (
-            ops.reshape(values, (groups, half, -1))
-            for values in _projection.split_columns(columns.values, self.width)
+            by_group(columns) for columns in _projection.split_columns(flat, self.width)
         )
-        product = _projection.NibbleProduct(even, odd, shifted=True)
-        # What the zero points and the product's offset (`(groups, 1, n)`)
-        # take from every logit, for the whole table at once: `(rows,
-        # groups) x (groups, n)`.
+        product = _projection.NibbleProduct(
+            even, odd, shifted=True, equation=GROUPS_FIRST
+        )
+        # What the zero points and the product's offset (`(groups, tokens,
+        # 1)`) take from every logit, for the whole table at once:
+        # `(tokens, groups) x (rows, groups)`.
         offsets = ops.subtract(
-            ops.matmul(ops.multiply(ops.cast(zero, "float32"), scale), sums),
-            ops.matmul(scale, product.offset[:, 0]),
+            ops.einsum(
+                "tg,vg->tv", sums, ops.multiply(ops.cast(zero, "float32"), scale)
+            ),
+            ops.einsum("tg,vg->tv", ops.transpose(product.offset[..., 0]), scale),
         )
-        scale = ops.expand_dims(ops.transpose(scale), -1)  # (groups, rows, 1)
+        scale = ops.expand_dims(ops.transpose(scale), 1)  # (groups, 1, rows)
 
         def chunk_logits(start, stop):
-            grouped = ops.reshape(place.read(packed, start, stop), (-1, groups, half))
-            # `(groups, rows, half)`: the bytes of each group together.
-            partial = product.logits(ops.transpose(grouped, (1, 0, 2)))
+            partial = product.logits(by_group(place.read(packed, start, stop)))
             # A product and a sum over the few groups (TensorFlow's einsum
             # for this is 3x slower).
-            return ops.sum(ops.multiply(partial, scale[:, start:stop]), axis=0)
+            return ops.sum(ops.multiply(partial, scale[..., start:stop]), axis=0)
 
         logits = _projection.chunked(rows, layer.output_dim, chunk_logits)
-        return columns.logits(ops.subtract(logits, offsets))
+        logits = ops.subtract(logits, offsets)
+        return ops.reshape(logits, (*hidden.shape[:-1], rows))
 
     def _dequantized_logits(self, hidden):
         """`hidden @ values^T` of the dequantized values, chunk by chunk:
@@ -640,8 +646,7 @@ class GroupedInt4Table(Int4Table):
         dequantized (`_dequantized_nibbles`)."""
         place = self.placement
         packed = ops.convert_to_tensor(place.get(self.layer, "embeddings"))
-        columns = _projection.Columns(hidden)
-        even, odd = _projection.split_columns(columns.values, self.width)
+        even, odd = _projection.split_columns(hidden, self.width)
         if _ids.is_concrete(hidden):
             unpack = _quantization.integer_nibbles
         else:
@@ -652,9 +657,7 @@ class GroupedInt4Table(Int4Table):
             low, high = self._dequantized_nibbles(low, high, start, stop)
             return _projection.nibble_logits(even, odd, low, high)
 
-        return columns.logits(
-            _projection.chunked(self.rows_count, self.layer.output_dim, chunk_logits)
-        )
+        return _projection.chunked(self.rows_count, self.layer.output_dim, chunk_logits)
 
     def _dequantized_nibbles(self, low, high, start, stop):
         """`(nibble - zero) * scale` of rows `[start, stop)`, each nibble
