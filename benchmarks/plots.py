@@ -257,7 +257,7 @@ def reverse_panel(axes, rows, title):
         for impl, label, colour in (
             ("ours", "ours", OURS),
             ("keras", "keras", KERAS),
-            ("floor", "floor: einsum on the float32 table", FLOOR),
+            ("floor", "floor: matmul on the float32 table", FLOOR),
         )
     ]
     grouped_bars(axes, [REVERSE_LABELS[name] for name in names], series)

@@ -11,7 +11,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_ext_embedding import _runs
+from keras_ext_embedding import _projection, _runs
 
 
 class LoraAdapters:
@@ -90,14 +90,15 @@ class LoraAdapters:
 
         The adapters are cast too: under a mixed policy Keras reads them in
         the compute dtype inside the layer's call (its top-level autocast
-        scope ignores `layer.autocast`), and PyTorch's einsum, unlike the
-        others, does not promote mixed operands."""
+        scope ignores `layer.autocast`), and PyTorch's einsum did not promote
+        mixed operands (a tied LoRA call under `mixed_float16` crashed).
+        Both products are table-first matmuls (`_projection.table_logits`)."""
         hidden = ops.cast(hidden, "float32")
         b, a = (ops.cast(adapter, "float32") for adapter in (self.b, self.a))
-        low_rank = ops.einsum("...d,rd->...r", hidden, b)
+        low_rank = _projection.table_logits(hidden, b)
         if self.scale != 1:
             low_rank = ops.multiply(low_rank, self.scale)
-        return ops.einsum("...r,vr->...v", low_rank, a)
+        return _projection.table_logits(low_rank, a)
 
     def delta(self):
         """The whole `scale * A @ B`, float32: for merging, never a lookup."""

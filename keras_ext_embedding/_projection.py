@@ -1,7 +1,9 @@
 """The projection of hidden states onto a whole table, in vocabulary chunks.
 
 A `ReversibleEmbedding`'s logits are `h @ table^T`: every row of the table is
-read once. A quantized table is widened to float32 for the product one chunk
+read once, by table-first matmuls (`Columns`): each chunk's logits come
+rows first, `(rows, n)`, and are transposed once a call. A quantized table is
+widened to float32 for the product one chunk
 of rows at a time, so the float values that exist at any moment are those of
 one chunk (`CHUNK_BYTES`, or an eighth of a smaller table), never the
 `input_dim x output_dim` table that Keras builds on every int8/int4 call.
@@ -24,7 +26,6 @@ integer logits bit for bit.
 
 import math
 
-import keras
 from keras import ops
 
 from keras_ext_embedding import _quantization
@@ -36,8 +37,6 @@ MIN_CHUNKS = 8
 MAX_CHUNKS = 64
 FLOAT32_EXACT = 2**24
 INT8_BOUND = 128  # the largest magnitude of quantized hidden states
-ROWS_FIRST = "...d,vd->...v"
-HALF_DTYPES = ("bfloat16", "float16")
 
 
 def chunk_bounds(rows, width):
@@ -50,42 +49,81 @@ def chunk_bounds(rows, width):
 
 
 def chunked(rows, width, chunk_logits):
-    """The logits `(..., rows)`, from `chunk_logits(start, stop)`, the logits
-    of rows `[start, stop)`."""
+    """The rows-first logits `(rows, n)`, from `chunk_logits(start, stop)`,
+    those of rows `[start, stop)`."""
     parts = [chunk_logits(start, stop) for start, stop in chunk_bounds(rows, width)]
-    return parts[0] if len(parts) == 1 else ops.concatenate(parts, axis=-1)
+    return parts[0] if len(parts) == 1 else ops.concatenate(parts, axis=0)
+
+
+class Columns:
+    """Hidden states `(..., width)` as the columns of one `(width, n)`
+    matrix, the right operand of every product with a table: `table @
+    columns` gives rows-first logits `(rows, n)`, and `logits` turns those
+    into `(..., rows)` once a call.
+
+    A table-first matmul is the fastest public form of `h @ W^T` on every
+    backend, and the only right one in 16 bits:
+
+    - `einsum("...d,vd->...v", h, W)` (BLAS's small-`m` GEMM against a
+      transposed operand) took 2.5-4.2x the table-first matmul's time on an
+      AVX2 AMD EPYC (a 256,000 x 512 table, 8 hidden states: TensorFlow 409
+      ms against 98, PyTorch 224 against 91, JAX 109 against 65), and 1.6x
+      on an AMX Xeon for one hidden state (34 ms against 21);
+    - `matmul(h, transpose(W))` copies the table on every eager call (JAX,
+      TensorFlow);
+    - TensorFlow's einsum with a leading ellipsis returns wrong bfloat16 and
+      float16 values on CPUs with AMX (oneDNN; errors the size of the
+      logits, TensorFlow 2.21), and PyTorch's CPU einsum runs bfloat16
+      50-100x slower than its matmul (docs/guides/language_models.md).
+
+    Where a traced size is unknown or symbolic (`static_rows` is None),
+    the columns keep the leading axes, `(width, ...)`, and products are
+    tensordots: `jax2onnx` cannot reshape a flat axis back into symbolic
+    ones, and a trace compiles either form to one dot.
+    """
+
+    def __init__(self, hidden):
+        shape = ops.shape(hidden)
+        self.leading = tuple(shape[:-1])
+        self.flat = static_rows(hidden) is not None
+        if self.flat:
+            self.values = ops.transpose(ops.reshape(hidden, (-1, shape[-1])))
+        else:
+            self.values = ops.moveaxis(hidden, -1, 0)
+
+    def product(self, table):
+        """`table @ columns`: `(rows, width) -> (rows, n)`."""
+        return times(table, self.values)
+
+    def logits(self, rows_first):
+        """`(rows, n) -> (..., rows)`."""
+        if not self.flat:
+            return ops.moveaxis(rows_first, 0, -1)
+        return ops.reshape(
+            ops.transpose(rows_first), (*self.leading, rows_first.shape[0])
+        )
+
+
+def times(matrix, columns):
+    """`matrix @ columns`: a matmul of matrices (or of batches of them, the
+    same rank), a tensordot of a matrix with columns that keep leading
+    axes (`Columns` of a traced call)."""
+    if matrix.ndim == 2 and columns.ndim != 2:
+        return ops.tensordot(matrix, columns, axes=1)
+    return ops.matmul(matrix, columns)
 
 
 def table_logits(hidden, table, transposed=False):
     """`hidden @ table^T`, `(..., width) -> (..., rows)`, of a table stored
-    rows first (`(rows, width)`) or `transposed` (`(width, rows)`), in one
-    product and without a transposed copy of the table.
-
-    In general one einsum contracting the table's own axis (`matmul(h,
-    transpose(table))` copies the table eagerly on JAX and TensorFlow; under
-    XLA both forms compile to one dot). A matmul with the table first,
-    `(table @ rows^T)^T` of the hidden states flattened to rows, where the
-    einsum is slow or wrong (docs/guides/language_models.md):
-
-    - one hidden state (a decoding step of one sequence): TensorFlow's
-      einsum takes 1.6x the matmul's time (a 256,000 x 512 table: 34 ms
-      against 21), the same on JAX and PyTorch;
-    - 16-bit values: TensorFlow's einsum with a leading ellipsis returns
-      wrong bfloat16 and float16 values on CPUs with AMX (oneDNN; errors
-      the size of the logits, TensorFlow 2.21), and PyTorch's CPU einsum
-      runs bfloat16 50-100x slower than its matmul.
-    """
-    half = keras.backend.standardize_dtype(hidden.dtype) in HALF_DTYPES
+    rows first (`(rows, width)`, a table-first matmul: `Columns`) or
+    `transposed` (`(width, rows)`, the plain matmul), in one product and
+    without a transposed copy of the table."""
     if transposed:
-        if half:
-            return ops.matmul(hidden, table)
-        return ops.einsum("...d,dv->...v", hidden, table)
-    if not (half or static_rows(hidden) == 1):
-        return ops.einsum(ROWS_FIRST, hidden, table)
-    shape = ops.shape(hidden)
-    flat = ops.reshape(hidden, (-1, shape[-1]))
-    logits = ops.transpose(ops.matmul(table, ops.transpose(flat)))
-    return ops.reshape(logits, (*shape[:-1], table.shape[0]))
+        shape = ops.shape(hidden)
+        flat = ops.reshape(hidden, (-1, shape[-1]))
+        return ops.reshape(ops.matmul(flat, table), (*shape[:-1], table.shape[1]))
+    columns = Columns(hidden)
+    return columns.logits(columns.product(table))
 
 
 def static_rows(hidden):
@@ -101,8 +139,9 @@ def chunked_logits(hidden, rows, width, kernel):
     """`hidden @ table^T`, `(..., width) -> (..., rows)`, where
     `kernel(start, stop)` gives rows `[start, stop)` of the table, rows first,
     in the dtype of `hidden`."""
-    return chunked(
-        rows, width, lambda start, stop: table_logits(hidden, kernel(start, stop))
+    columns = Columns(hidden)
+    return columns.logits(
+        chunked(rows, width, lambda start, stop: columns.product(kernel(start, stop)))
     )
 
 
@@ -121,46 +160,54 @@ def exact_logits(hidden, rows, width, kernel, value_bound):
     if width <= step:
         return chunked_logits(hidden, rows, width, kernel)
     slices = [(start, min(start + step, width)) for start in range(0, width, step)]
+    columns = Columns(hidden)
 
     def exact_chunk(start, stop):
         table = kernel(start, stop)
         total = None
         for low, high in slices:
-            part = ops.einsum(ROWS_FIRST, hidden[..., low:high], table[:, low:high])
+            part = times(table[:, low:high], columns.values[low:high])
             part = ops.cast(part, "int32")
             total = part if total is None else ops.add(total, part)
         return total
 
-    return chunked(rows, width, exact_chunk)
+    return columns.logits(chunked(rows, width, exact_chunk))
 
 
-def split_columns(hidden, half_width):
-    """The even and odd columns of `hidden`, each `(..., half_width)` (the odd
-    ones padded with a zero column when the width is odd): the hidden values
-    that meet the low and the high nibbles of packed int4 bytes."""
-    even = hidden[..., 0::2]
-    odd = hidden[..., 1::2]
-    if odd.shape[-1] < half_width:
-        pad = [[0, 0]] * (len(odd.shape) - 1) + [[0, half_width - odd.shape[-1]]]
-        odd = ops.pad(odd, pad)
+def split_columns(columns, half_width):
+    """The even and odd hidden columns of `columns` (`(width, n)`, the
+    values of `Columns`), each `(half_width, n)` (the odd ones padded with a
+    zero row when the width is odd): the hidden values that meet the low
+    and the high nibbles of packed int4 bytes."""
+    even = columns[0::2]
+    odd = columns[1::2]
+    if odd.shape[0] < half_width:
+        padding = [[0, half_width - odd.shape[0]]] + [[0, 0]] * (odd.ndim - 1)
+        odd = ops.pad(odd, padding)
     return even, odd
 
 
-def nibble_logits(even, odd, low, high, equation=ROWS_FIRST):
-    """`hidden @ table^T` of a chunk given as its low and high nibbles
-    (`(rows, half_width)` each, float32): no interleaved copy of the chunk."""
-    return ops.add(ops.einsum(equation, even, low), ops.einsum(equation, odd, high))
+def nibble_logits(even, odd, low, high):
+    """The rows-first logits of a chunk given as its low and high nibbles
+    (`(..., rows, half_width)` each, float32), against the even and odd
+    hidden columns (`(..., half_width, n)`): no interleaved copy of the
+    chunk."""
+    return ops.add(times(low, even), times(high, odd))
 
 
 class NibbleProduct:
-    """The product of hidden columns with packed int4 bytes, a chunk at a
-    time: `even . low + odd . high` over each byte's signed nibbles, the low
-    one meeting the even hidden column and the high one the odd.
+    """The product of packed int4 bytes with hidden columns, a chunk at a
+    time: `low . even + high . odd` over each byte's signed nibbles, the low
+    one meeting the even hidden column and the high one the odd; bytes
+    `(rows, half_width)` against columns `(half_width, ...)`, or, where
+    `grouped`, `(groups, rows, half_width)` against `(groups, half_width,
+    n)`.
 
-    `logits(packed)` is that product for a chunk of bytes, less `offset`
-    (`(..., 1)`, or `None`), which the caller adds to every logit before any
-    scale. `shifted=False` unpacks each byte's nibbles with float32 ops (the
-    form exporters translate and XLA fuses).
+    `logits(packed)` is that product for a chunk of bytes, rows first,
+    less `offset` (`(1, ...)`, `(groups, 1, n)` where `grouped`, or `None`),
+    which the caller adds to every
+    logit before any scale. `shifted=False` unpacks each byte's nibbles with
+    float32 ops (the form exporters translate and XLA fuses).
     `shifted=True` unpacks nothing, for eager calls: a byte `b` holds `16 *
     high + (low mod 16)`, so with the low nibble's sign bit flipped, `c = b ^
     8` holds `16 * high + low + 8` (in int8, exactly) and `w = c & 15` holds
@@ -176,22 +223,31 @@ class NibbleProduct:
     are sixteenths): `shifted=False` is.
     """
 
-    def __init__(self, even, odd, shifted, equation=ROWS_FIRST):
-        self.equation = equation
+    def __init__(self, even, odd, shifted, grouped=False):
         self.shifted = shifted
         if shifted:
+            # Tensors once a call: Keras converts a NumPy scalar on every op
+            # (TensorFlow: 0.1-0.2 ms each, two ops a chunk).
+            self.masks = tuple(
+                ops.convert_to_tensor(mask)
+                for mask in (_quantization.LOW_SIGN, _quantization.LOW_NIBBLE)
+            )
             sixteenth = ops.multiply(odd, 1 / 16)
             self.columns = (ops.subtract(even, sixteenth), sixteenth)
-            self.offset = ops.multiply(ops.sum(even, axis=-1, keepdims=True), -8.0)
+            width_axis = 1 if grouped else 0
+            self.offset = ops.multiply(
+                ops.sum(even, axis=width_axis, keepdims=True), -8.0
+            )
         else:
             self.columns = (even, odd)
             self.offset = None
 
     def logits(self, packed):
         if self.shifted:
-            flipped = ops.bitwise_xor(packed, _quantization.LOW_SIGN)
-            shifted_low = ops.bitwise_and(flipped, _quantization.LOW_NIBBLE)
+            sign, nibble = self.masks
+            flipped = ops.bitwise_xor(packed, sign)
+            shifted_low = ops.bitwise_and(flipped, nibble)
             values = (ops.cast(shifted_low, "float32"), ops.cast(flipped, "float32"))
         else:
             values = _quantization.nibbles(packed)
-        return nibble_logits(*self.columns, *values, equation=self.equation)
+        return nibble_logits(*self.columns, *values)

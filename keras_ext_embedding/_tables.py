@@ -42,9 +42,6 @@ from keras_ext_embedding import (
 FLOAT_SHAPE_HINT = (
     "Build the layer with the input_dim and output_dim the table was made for."
 )
-# The per-group dot of `(groups, tokens, half)` hidden columns with
-# `(groups, rows, half)` nibbles.
-GROUPS_FIRST = "gtk,gvk->gtv"
 QUANTIZED_SHAPE_HINT = (
     "Build the layer with the input_dim, output_dim, dtype policy and "
     "quantization_config the checkpoint was saved with."
@@ -507,7 +504,8 @@ class Int4Table(_QuantizedTable):
         values keep every partial sum far below 2**24."""
         place = self.placement
         packed = ops.convert_to_tensor(place.get(self.layer, "embeddings"))
-        even, odd = _projection.split_columns(hidden, self.width)
+        columns = _projection.Columns(hidden)
+        even, odd = _projection.split_columns(columns.values, self.width)
         product = _projection.NibbleProduct(
             even, odd, shifted=_ids.is_concrete(hidden) and not exact
         )
@@ -516,7 +514,9 @@ class Int4Table(_QuantizedTable):
             self.layer.output_dim,
             lambda start, stop: product.logits(place.read(packed, start, stop)),
         )
-        return logits if product.offset is None else ops.add(logits, product.offset)
+        if product.offset is not None:
+            logits = ops.add(logits, product.offset)
+        return columns.logits(logits)
 
 
 class GroupedInt4Table(Int4Table):
@@ -606,39 +606,33 @@ class GroupedInt4Table(Int4Table):
             for role in ("scale", "zero")
         )
         half = block_size // 2
-        flat = ops.reshape(hidden, (tokens, layer.output_dim))
-        sums = ops.sum(ops.reshape(flat, (tokens, groups, block_size)), axis=-1)
-
-        def by_group(columns):
-            """`(n, groups * half)` -> `(groups, n, half)`."""
-            return ops.transpose(ops.reshape(columns, (-1, groups, half)), (1, 0, 2))
-
+        columns = _projection.Columns(hidden)
+        # Each group's columns, `(groups, block_size, n)`: a free reshape.
+        sums = ops.sum(ops.reshape(columns.values, (groups, block_size, -1)), axis=1)
         even, odd = (
-            by_group(columns) for columns in _projection.split_columns(flat, self.width)
+            ops.reshape(values, (groups, half, -1))
+            for values in _projection.split_columns(columns.values, self.width)
         )
-        product = _projection.NibbleProduct(
-            even, odd, shifted=True, equation=GROUPS_FIRST
-        )
-        # What the zero points and the product's offset (`(groups, tokens,
-        # 1)`) take from every logit, for the whole table at once:
-        # `(tokens, groups) x (rows, groups)`.
+        product = _projection.NibbleProduct(even, odd, shifted=True, grouped=True)
+        # What the zero points and the product's offset (`(groups, 1, n)`)
+        # take from every logit, for the whole table at once: `(rows,
+        # groups) x (groups, n)`.
         offsets = ops.subtract(
-            ops.einsum(
-                "tg,vg->tv", sums, ops.multiply(ops.cast(zero, "float32"), scale)
-            ),
-            ops.einsum("tg,vg->tv", ops.transpose(product.offset[..., 0]), scale),
+            ops.matmul(ops.multiply(ops.cast(zero, "float32"), scale), sums),
+            ops.matmul(scale, product.offset[:, 0]),
         )
-        scale = ops.expand_dims(ops.transpose(scale), 1)  # (groups, 1, rows)
+        scale = ops.expand_dims(ops.transpose(scale), -1)  # (groups, rows, 1)
 
         def chunk_logits(start, stop):
-            partial = product.logits(by_group(place.read(packed, start, stop)))
+            grouped = ops.reshape(place.read(packed, start, stop), (-1, groups, half))
+            # `(groups, rows, half)`: the bytes of each group together.
+            partial = product.logits(ops.transpose(grouped, (1, 0, 2)))
             # A product and a sum over the few groups (TensorFlow's einsum
             # for this is 3x slower).
-            return ops.sum(ops.multiply(partial, scale[..., start:stop]), axis=0)
+            return ops.sum(ops.multiply(partial, scale[:, start:stop]), axis=0)
 
         logits = _projection.chunked(rows, layer.output_dim, chunk_logits)
-        logits = ops.subtract(logits, offsets)
-        return ops.reshape(logits, (*hidden.shape[:-1], rows))
+        return columns.logits(ops.subtract(logits, offsets))
 
     def _dequantized_logits(self, hidden):
         """`hidden @ values^T` of the dequantized values, chunk by chunk:
@@ -646,7 +640,8 @@ class GroupedInt4Table(Int4Table):
         dequantized (`_dequantized_nibbles`)."""
         place = self.placement
         packed = ops.convert_to_tensor(place.get(self.layer, "embeddings"))
-        even, odd = _projection.split_columns(hidden, self.width)
+        columns = _projection.Columns(hidden)
+        even, odd = _projection.split_columns(columns.values, self.width)
         if _ids.is_concrete(hidden):
             unpack = _quantization.integer_nibbles
         else:
@@ -657,7 +652,9 @@ class GroupedInt4Table(Int4Table):
             low, high = self._dequantized_nibbles(low, high, start, stop)
             return _projection.nibble_logits(even, odd, low, high)
 
-        return _projection.chunked(self.rows_count, self.layer.output_dim, chunk_logits)
+        return columns.logits(
+            _projection.chunked(self.rows_count, self.layer.output_dim, chunk_logits)
+        )
 
     def _dequantized_nibbles(self, low, high, start, stop):
         """`(nibble - zero) * scale` of rows `[start, stop)`, each nibble

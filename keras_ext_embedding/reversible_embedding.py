@@ -23,7 +23,7 @@ class ReversibleEmbedding(Embedding):
     every eager call, merges LoRA into a new table, and unpacks and
     dequantizes a whole int4 table):
 
-    - Float: one einsum contracting the table's own axis.
+    - Float: one table-first matmul, `(W @ h^T)^T` (no transposed table).
     - LoRA (tied): `h @ W^T + (lora_alpha / rank) * (h @ B^T) @ A^T`, in every
       table format. Keras adds the adapters to the float tied projection
       only, not to a quantized one (keras-team/keras#23630). With untied

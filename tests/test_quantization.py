@@ -760,9 +760,9 @@ def test_both_nibble_forms_unpack_every_byte(form):
 
 
 @pytest.mark.parametrize("shifted", [False, True], ids=["unpacked", "shifted"])
-@pytest.mark.parametrize("equation", ["rows_first", "groups_first"])
-def test_nibble_product_multiplies_every_byte_by_its_nibbles(shifted, equation):
-    """`NibbleProduct` gives `even . low + odd . high` over every byte's
+@pytest.mark.parametrize("layout", ["rows_first", "groups_first"])
+def test_nibble_product_multiplies_every_byte_by_its_nibbles(shifted, layout):
+    """`NibbleProduct` gives `low . even + high . odd` over every byte's
     signed nibbles, plus its offset: unpacking them, and without unpacking
     them (the flipped-sign-bit form eager projections run)."""
     from keras_ext_embedding import _projection
@@ -771,25 +771,19 @@ def test_nibble_product_multiplies_every_byte_by_its_nibbles(shifted, equation):
     packed = np.arange(-128, 128).astype("int8").reshape(16, 16)
     as_int = packed.astype("int64")
     low, high = ((as_int & 15) ^ 8) - 8, as_int >> 4
-    if equation == "rows_first":
-        # (tokens, half) hidden columns against (rows, half) bytes.
-        even, odd = rng.normal(size=(2, 3, 16)).astype("float32")
-        bytes_, spec = packed, _projection.ROWS_FIRST
-        expected = even.astype("float64") @ low.T + odd.astype("float64") @ high.T
+    if layout == "rows_first":
+        # (rows, half) bytes against (half, n) hidden columns.
+        even, odd = rng.normal(size=(2, 16, 3)).astype("float32")
+        bytes_ = packed
+        expected = low @ even.astype("float64") + high @ odd.astype("float64")
     else:
-        # (groups, tokens, half) against (groups, rows, half).
-        even, odd = rng.normal(size=(2, 2, 3, 8)).astype("float32")
+        # (groups, rows, half) against (groups, half, n).
+        even, odd = rng.normal(size=(2, 2, 8, 3)).astype("float32")
         bytes_ = packed.reshape(16, 2, 8).transpose(1, 0, 2)
-        spec = "gtk,gvk->gtv"
         grouped = [v.reshape(16, 2, 8).transpose(1, 0, 2) for v in (low, high)]
-        expected = np.einsum("gtk,gvk->gtv", even, grouped[0]) + np.einsum(
-            "gtk,gvk->gtv", odd, grouped[1]
-        )
+        expected = grouped[0] @ even.astype("float64") + grouped[1] @ odd
     product = _projection.NibbleProduct(
-        ops.convert_to_tensor(even),
-        ops.convert_to_tensor(odd),
-        shifted=shifted,
-        equation=spec,
+        ops.convert_to_tensor(even), ops.convert_to_tensor(odd), shifted=shifted
     )
     got = product.logits(ops.convert_to_tensor(bytes_))
     if shifted:
