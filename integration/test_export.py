@@ -45,6 +45,7 @@ def test_artifact_gives_the_keras_model_outputs(exported, backend, fmt, mode):
     "head",
     [
         "lm_float",
+        "lm_float_untied",
         "lm_int8_untied",
         "lm_int4_lora",
         "lm_int4_partials",

@@ -89,7 +89,10 @@ class Columns:
         if self.flat:
             self.values = ops.transpose(ops.reshape(hidden, (-1, shape[-1])))
         else:
-            self.values = ops.moveaxis(hidden, -1, 0)
+            # Explicit axes: PyTorch's ONNX export writes a negative one
+            # into the Transpose, which onnxruntime refuses.
+            rank = hidden.ndim
+            self.values = ops.transpose(hidden, (rank - 1, *range(rank - 1)))
 
     def product(self, table):
         """`table @ columns`: `(rows, width) -> (rows, n)`."""
@@ -98,7 +101,8 @@ class Columns:
     def logits(self, rows_first):
         """`(rows, n) -> (..., rows)`."""
         if not self.flat:
-            return ops.moveaxis(rows_first, 0, -1)
+            rank = rows_first.ndim
+            return ops.transpose(rows_first, (*range(1, rank), 0))
         return ops.reshape(
             ops.transpose(rows_first), (*self.leading, rows_first.shape[0])
         )
@@ -119,6 +123,8 @@ def table_logits(hidden, table, transposed=False):
     `transposed` (`(width, rows)`, the plain matmul), in one product and
     without a transposed copy of the table."""
     if transposed:
+        if static_rows(hidden) is None:
+            return ops.matmul(hidden, table)
         shape = ops.shape(hidden)
         flat = ops.reshape(hidden, (-1, shape[-1]))
         return ops.reshape(ops.matmul(flat, table), (*shape[:-1], table.shape[1]))

@@ -25,7 +25,12 @@ from quantization_reference import (
     raw,
 )
 
-from keras_ext_embedding import InvalidIdError, ReversibleEmbedding, replace_embeddings
+from keras_ext_embedding import (
+    InvalidIdError,
+    ReversibleEmbedding,
+    _projection,
+    replace_embeddings,
+)
 
 BACKEND = keras.config.backend()
 VOCAB, DIM = 64, 13
@@ -424,6 +429,38 @@ def test_quantized_logits_equal_numpy_reference(fmt, tie, lora, rng):
     got = layer(h, reverse=True)
     assert dtype_of(got) == "float32"
     assert_relclose(to_numpy(got), reverse_reference(layer, h))
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["plain", "lora"])
+@TIES
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_logits_of_hidden_states_of_unknown_size_equal_numpy_reference(
+    fmt, tie, lora, rng, monkeypatch
+):
+    """Where a trace leaves the hidden states' sizes unknown or symbolic
+    (a TensorFlow graph, a JAX or PyTorch export), the projection keeps
+    their leading axes (tensordots, no flattening reshape): forced here,
+    eagerly, so that every format's form (int4's eager sign-flipped bytes
+    included, as a PyTorch export runs them) is checked on every backend."""
+    layer = built(fmt, tie, rng, lora=lora)
+    h = hidden(rng, layer.output_dim, (2, 3))
+    expected = reverse_reference(layer, h)
+    monkeypatch.setattr(_projection, "static_rows", lambda hidden: None)
+    reshapes = []
+    reshape = ops.reshape
+
+    def counted(x, shape):
+        reshapes.append(tuple(shape))
+        return reshape(x, shape)
+
+    monkeypatch.setattr(_projection.ops, "reshape", counted)
+    got = to_numpy(layer(h, reverse=True))
+    # Neither the flattening reshape of the hidden states nor the one back
+    # (what jax2onnx cannot translate with symbolic sizes) ran.
+    flat_forms = {(-1, layer.output_dim), (2, 3, VOCAB)}
+    assert not flat_forms.intersection(reshapes), reshapes
+    assert got.shape == (2, 3, VOCAB)
+    assert_relclose(got, expected)
 
 
 @pytest.mark.parametrize("traced", [False, True], ids=["eager", "predict"])

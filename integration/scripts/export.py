@@ -37,6 +37,7 @@ MODES = ("raise", "zeros")
 # name: (constructor arguments, quantization mode and int4 block size, LoRA rank)
 LM_HEADS = {
     "lm_float": ({"logit_soft_cap": 3.0}, None, None),
+    "lm_float_untied": ({"tie_weights": False}, None, None),
     "lm_int8_untied": ({"tie_weights": False}, ("int8", None), None),
     # 10 hidden states in 8 groups of 4: each chunk dequantized; in 2 groups
     # of 16, per-group partial logits where the export runs the layer
@@ -57,7 +58,9 @@ def lm_head(name):
 
     kwargs, quantization, lora_rank = LM_HEADS[name]
     keras.utils.set_random_seed(0)
-    inputs = keras.Input((IDS.shape[1],), dtype="int32", name="ids")
+    # Sequences of any length, as a language model takes them: the export
+    # traces two unknown (JAX: symbolic) sizes.
+    inputs = keras.Input((None,), dtype="int32", name="ids")
     layer = ReversibleEmbedding(
         VOCAB, DIM, invalid_ids="zeros", name="tokens", **kwargs
     )
