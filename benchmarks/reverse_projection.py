@@ -9,9 +9,9 @@ transpose(h)))` on a tensor of its own, the fastest public form of `h @ W^T`
 an AVX2 AMD EPYC; `matmul(h, transpose(W))` copies the table). Keras's layer
 transposes the float table on every eager
 call, adds the LoRA delta to a new `input_dim x output_dim` table, and
-unpacks and dequantizes a whole int4 table; ours contracts the table's own
-axis, projects LoRA as `h @ W^T + s * (h @ B^T) @ A^T`, and reads quantized
-tables in vocabulary chunks.
+unpacks and dequantizes a whole int4 table; ours multiplies the table
+first (`(W @ h^T)^T`), projects LoRA as `h @ W^T + s * (h @ B^T) @ A^T`,
+and reads quantized tables in vocabulary chunks.
 
 Both layers (`keras_ext_embedding.ReversibleEmbedding`, tied, and
 `keras.layers.ReversibleEmbedding`) are built from the same float table and

@@ -783,7 +783,10 @@ def test_nibble_product_multiplies_every_byte_by_its_nibbles(shifted, layout):
         grouped = [v.reshape(16, 2, 8).transpose(1, 0, 2) for v in (low, high)]
         expected = grouped[0] @ even.astype("float64") + grouped[1] @ odd
     product = _projection.NibbleProduct(
-        ops.convert_to_tensor(even), ops.convert_to_tensor(odd), shifted=shifted
+        ops.convert_to_tensor(even),
+        ops.convert_to_tensor(odd),
+        shifted=shifted,
+        grouped=layout == "groups_first",
     )
     got = product.logits(ops.convert_to_tensor(bytes_))
     if shifted:
