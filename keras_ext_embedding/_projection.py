@@ -82,11 +82,13 @@ class Columns:
     ones, and a trace compiles either form to one dot.
     """
 
-    def __init__(self, hidden):
+    def __init__(self, hidden, state_first=None):
         shape = ops.shape(hidden)
         self.leading = tuple(shape[:-1])
         self.flat = static_rows(hidden) is not None
-        self.state_first = one_traced_state(hidden)
+        if state_first is None:
+            state_first = one_traced_state(hidden)
+        self.state_first = state_first
         if self.flat:
             self.values = ops.transpose(ops.reshape(hidden, (-1, shape[-1])))
         else:
@@ -139,7 +141,9 @@ def table_logits(hidden, table, transposed=False):
     `transposed` (`(width, rows)`, the plain matmul), in one product and
     without a transposed copy of the table; `one_traced_state` as Keras
     does, `matmul(h, transpose(table))`."""
-    if one_traced_state(hidden):
+    # Decided once: `one_traced_state` reads an empty slice on the host.
+    state_first = one_traced_state(hidden)
+    if state_first:
         return ops.matmul(hidden, table if transposed else ops.transpose(table))
     if transposed:
         if static_rows(hidden) is None:
@@ -147,7 +151,7 @@ def table_logits(hidden, table, transposed=False):
         shape = ops.shape(hidden)
         flat = ops.reshape(hidden, (-1, shape[-1]))
         return ops.reshape(ops.matmul(flat, table), (*shape[:-1], table.shape[1]))
-    columns = Columns(hidden)
+    columns = Columns(hidden, state_first)
     return columns.logits(columns.product(table))
 
 
