@@ -509,10 +509,15 @@ class Embedding(keras.layers.Layer):
             raise self._not_implemented_error(self.quantize)
         if mode not in _quantization.MODES:
             raise self._quantization_mode_error(mode)
-        if self.quantization_mode == mode:
+        if self.quantization_mode == mode and (
+            mode == "int8" or hasattr(self._policy(), "block_size")
+        ):
             # Reached from the dtype_policy setter, which sets the policy
-            # first and passes Keras's default config: the policy's int4
-            # block size (none: one scale per row) is what a reload builds.
+            # first and passes Keras's default config. A policy that names
+            # an int4 block size (`int4/64_from_float32`) is what a reload
+            # builds, so it wins (Keras would group by 128 whatever it
+            # names); a plain `int4_from_float32` takes that default, as in
+            # Keras.
             config = self._default_config(mode)
         config = config or self._default_config(mode)
         arrays = [
@@ -568,6 +573,16 @@ class Embedding(keras.layers.Layer):
         table.build()
         self._table = table
         self._is_quantized = True
+        if mode == "int4":
+            # Keras's attributes of an int4 layer, read by its own code and
+            # tests: the block size as the config gave it (-1 stays -1), or
+            # the dtype policy's (-1 read as None), and the unpacked width.
+            self._int4_block_size = (
+                config.block_size
+                if isinstance(config, keras.quantizers.Int4QuantizationConfig)
+                else self._policy_block_size()
+            )
+            self._orig_output_dim = self.output_dim
 
     def save_own_variables(self, store):
         if not self.built:
@@ -826,12 +841,16 @@ class Embedding(keras.layers.Layer):
             block_size=self._policy_block_size()
         )
 
-    def _policy_block_size(self):
-        """The int4 block size named by the dtype policy (`int4/64_from_...`)."""
+    def _policy(self):
+        """The layer's own dtype policy (its entry of a `DTypePolicyMap`)."""
         policy = self._dtype_policy
         if isinstance(policy, keras.dtype_policies.DTypePolicyMap) and self.path:
             policy = policy[self.path]
-        block_size = getattr(policy, "block_size", None)
+        return policy
+
+    def _policy_block_size(self):
+        """The int4 block size named by the dtype policy (`int4/64_from_...`)."""
+        block_size = getattr(self._policy(), "block_size", None)
         return None if block_size == -1 else block_size
 
     def _quantization_mode_error(self, mode):
