@@ -21,13 +21,21 @@ import json
 
 import numpy as np
 import pytest
-from processes import BACKENDS, SCRIPTS, run_under_each
-
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("keras_hub") is None,
-    reason="keras-hub is not installed (make setup installs "
-    "requirements-keras-hub.txt)",
+from processes import (
+    BACKENDS,
+    SCRIPTS,
+    needs_keras_hub_on_this_keras,
+    run_under_each,
 )
+
+pytestmark = [
+    pytest.mark.skipif(
+        importlib.util.find_spec("keras_hub") is None,
+        reason="keras-hub is not installed (make setup installs "
+        "requirements-keras-hub.txt)",
+    ),
+    needs_keras_hub_on_this_keras,
+]
 
 MODELS = ("gpt2", "gemma", "llama", "bert")
 CAUSAL = ("gpt2", "gemma", "llama")
@@ -118,6 +126,9 @@ def test_every_embedding_becomes_ours(results, backend, name):
     assert sorted(facts["graph"]) == sorted(UPGRADED_GRAPH[name])
     assert facts["nodes_run_token_embedding"]
     assert facts["get_layer_is_attribute"]
+    # No Keras embedding layer is left; our layers' variables are the model's.
+    assert facts["keras_layers_left"] == []
+    assert facts["our_variables_in_model"]
     # The layer keeps its configuration.
     assert facts["logit_soft_cap"] == (30.0 if name == "gemma" else None)
     assert facts["tie_weights"] == (name != "llama")
@@ -135,6 +146,12 @@ def test_logits_are_unchanged(results, backend, name):
     np.testing.assert_allclose(
         array(directory, "replaced_logits"), array(directory, "stock_logits"), **FLOAT
     )
+    # `predict` too, traced before the upgrade and again after it.
+    np.testing.assert_allclose(
+        array(directory, "replaced_predicted"),
+        array(directory, "stock_predicted"),
+        **FLOAT,
+    )
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -145,6 +162,8 @@ def test_the_model_runs_our_layer(results, backend, name):
     assert facts["invalid_token"]["is_invalid_id_error"], facts["invalid_token"]
     assert "token_embedding" in facts["invalid_token"]["message"]
     assert facts["row_change_logit_diff"] > 1e-3
+    # `predict`'s function, traced before the upgrade, was dropped.
+    assert facts["row_change_predict_diff"] > 1e-3
     if name == "bert":
         assert facts["invalid_segment"]["is_invalid_id_error"], facts["invalid_segment"]
         assert facts["segment_change_logit_diff"] > 1e-3
@@ -260,13 +279,20 @@ def test_stock_keras_file_reloads_and_upgrades(results, name, saver, loader):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_keras_hub_reversible_embedding_class(results, backend):
     """keras_hub.layers.ReversibleEmbedding, keras-hub's empty subclass, in a
-    Functional model (cloned): ours, the same logits, and it checks ids."""
+    Functional model (upgraded in place): ours, the same logits, it checks
+    ids, and a `.keras` file of the model reloads with ours."""
     directory = results / backend / "hub_layer"
     facts = step(directory, "replace")
+    assert facts["returned_same_model"]
     assert facts["before"] == {"token_embedding": HUB_REVERSIBLE}
     assert facts["after"] == {"token_embedding": OUR_REVERSIBLE}
+    assert facts["get_layer"] == OUR_REVERSIBLE
     assert facts["graph"] == [OUR_REVERSIBLE] * 2
     assert facts["invalid_token"]["is_invalid_id_error"], facts["invalid_token"]
     np.testing.assert_allclose(
         array(directory, "replaced_logits"), array(directory, "stock_logits"), **FLOAT
+    )
+    assert facts["reloaded"] == {"token_embedding": OUR_REVERSIBLE}
+    np.testing.assert_array_equal(
+        array(directory, "reloaded_logits"), array(directory, "replaced_logits")
     )

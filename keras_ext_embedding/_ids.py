@@ -137,7 +137,7 @@ def host_ids(ids, input_dim, layer_name, check):
     return np.where(valid, ids, -1).astype(index_dtype(input_dim))
 
 
-def _read_on_host(ids):
+def read_on_host(ids):
     """The values of concrete ids as a NumPy array; raises for traced ids."""
     try:
         # Zero-copy for host tensors of every backend: the common case.
@@ -156,7 +156,7 @@ def _read_on_host(ids):
 def is_concrete(ids):
     """Whether `ids` hold values (eager), not a trace; reads none of them."""
     try:
-        _read_on_host(ops.reshape(ids, (-1,))[:0])
+        read_on_host(ops.reshape(ids, (-1,))[:0])
     except (TypeError, RuntimeError):
         return False
     return True
@@ -170,7 +170,7 @@ def eager_check(ids, input_dim, layer_name):
     until the compiled program runs.
     """
     try:
-        values = _read_on_host(ids)
+        values = read_on_host(ids)
     except (TypeError, RuntimeError):
         # Traced values cannot be read: JAX raises a TypeError subclass
         # (TracerArrayConversionError), TensorFlow a RuntimeError subclass

@@ -1,6 +1,22 @@
-"""Upgrading existing models: every Keras embedding layer becomes ours."""
+"""Upgrading existing models in place: every Keras embedding layer becomes ours.
+
+A model reaches its layers in several places, all rewired here: its
+attributes and the lists and dicts it holds; the tracker (`_tracker`) whose
+`layers` store orders its sub-layers and so its weights; for a model built
+with the functional API (`keras.Function`), its graph: `_operations` (what
+`layers` and `get_layer` read), `_operations_by_depth`, the nodes where each
+layer was called (`_inbound_nodes`, with `node.operation`) and `_nodes`, the
+keys `f"{id(layer)}_ib-{node index}"` of the nodes it owns (what `get_config`,
+saving and `summary` read); Sequential's inner Functional (`_functional`)
+alongside its own `_layers`; and the state Keras keeps once it traced or
+compiled the model (traced functions, `_compiled_trainable_state`, PyTorch's
+`_torch_params`). Those are private attributes of Keras's objects; no
+`keras.src` module is imported.
+"""
 
 import contextlib
+import warnings
+import weakref
 
 import keras
 
@@ -28,10 +44,15 @@ EMPTY_CLASS_ATTRIBUTES = {
     "_api_export_path",
     "_api_export_symbol_id",
 }
+# Each Keras layer replaced so far, with its replacement and the overrides it
+# was made with. A second model holding the same layer (a training and an
+# inference model built on the same layers) gets the same replacement, so the
+# two keep sharing its variables. Weak: an entry goes with the Keras layer.
+_REPLACED = weakref.WeakKeyDictionary()
 
 
 def replace_embeddings(model, **overrides):
-    """Returns `model` with every Keras embedding layer replaced by ours.
+    """Replaces every Keras embedding layer of `model` by ours, in place.
 
     `keras.layers.Embedding` becomes `keras_ext_embedding.Embedding` and
     `keras.layers.ReversibleEmbedding` (keras-hub's token embeddings, its
@@ -45,32 +66,50 @@ def replace_embeddings(model, **overrides):
     float32 rounding, int8 logits bit for bit). Other subclasses of Keras's
     layers are left alone: their call may differ.
 
-    - A Functional or Sequential model is cloned (`keras.models.clone_model`,
-      nested Functional and Sequential models included): the original model
-      is not changed. Every other layer of the clone is a fresh layer from its
-      config with the original's weights.
-    - A subclassed model cannot be cloned by Keras: its Embedding layers (also
-      inside its sub-layers, lists and dicts) are replaced in place, and the
-      same model object is returned. A subclass built with the functional
-      API in its `__init__` (keras-hub backbones and tasks such as
-      `GPT2CausalLM`) runs the nodes of its graph, not its attributes: the
-      nodes where a Keras layer was called run the replacement from then on,
-      and every attribute that shared the old layer (a task's
-      `backbone.token_embedding`, keras-hub's `MaskedLMHead.token_embedding`)
-      holds the new one.
+    Every kind of model changes in place, and the same model object is
+    returned (so `model = replace_embeddings(model)` works too): Functional
+    and Sequential models, models nested in them (a Functional model inside a
+    Sequential one, a model called as a layer), subclassed models (their
+    attributes, sub-layers, lists and dicts) and subclasses built with the
+    functional API (keras-hub backbones and tasks such as `GPT2CausalLM`).
+    Afterwards the model holds our layer wherever it held Keras's: in its
+    attributes, `layers`, `get_layer`, `weights` (in the same order, under the
+    same paths, so weight files saved before still load), `summary`, its
+    `.keras` files, and the nodes of its graph, which run the new layer (in
+    every model sharing those nodes: a backbone inside a task model). The
+    Keras layers are no longer reachable from the model. To keep the original
+    model as it was, upgrade a copy: `keras.models.clone_model(model)` (with
+    `set_weights(model.get_weights())`) first.
 
-    A `.keras` file of a keras-hub model reloads as keras-hub builds it, with
-    Keras's layers: call `replace_embeddings` again after loading.
+    A Keras layer is replaced once: another model holding the same layer
+    object (a training and an inference model built on the same layers) runs
+    the replacement through the graph nodes they share, and gets the same
+    replacement object, so its weights stay shared, when `replace_embeddings`
+    is called on it in turn (with the same overrides). Call it on each model
+    that holds the layer: until then that model's `layers` and `weights`
+    still list Keras's layer.
 
-    Compile the returned model before training it: the optimizer state of the
-    original is not carried over.
+    Functions traced before the call (the model's `predict`, `fit` and
+    `evaluate` functions, those of its nested models, and keras-hub's
+    `generate_function`) are dropped, so the next call runs the new layers. A
+    compiled model stays compiled, with its loss and metrics, and one whose
+    optimizer has not been built yet (compiled but never trained, as keras-hub
+    tasks are once constructed) trains the new layers' variables from its
+    first `fit`. An optimizer already built (the model has run `fit`) only
+    knows the old variables: compile the model again before training it (its
+    state is not carried over).
+
+    A model that holds no layer to replace is returned unchanged, with a
+    warning. A `.keras` file of a keras-hub model reloads as keras-hub builds
+    it, with Keras's layers: call `replace_embeddings` again after loading.
 
     Examples:
         >>> inputs = keras.Input((None,), dtype="int32")
         >>> x = keras.layers.Embedding(1000, 16, name="tokens")(inputs)
         >>> model = keras.Model(inputs, keras.layers.GlobalAveragePooling1D()(x))
-        >>> upgraded = keras_ext_embedding.replace_embeddings(model)
-        >>> type(upgraded.get_layer("tokens")).__module__
+        >>> keras_ext_embedding.replace_embeddings(model) is model
+        True
+        >>> type(model.get_layer("tokens")).__module__
         'keras_ext_embedding.embedding'
 
     Args:
@@ -79,7 +118,7 @@ def replace_embeddings(model, **overrides):
             every replacement, e.g. `invalid_ids="zeros"`.
 
     Returns:
-        The model with our Embedding layers.
+        `model` itself, now holding our Embedding layers.
     """
     if not isinstance(model, keras.Model):
         raise ValueError(
@@ -92,9 +131,24 @@ def replace_embeddings(model, **overrides):
             "weights to carry over yet. Build the model (call it once, or "
             "`model.build(input_shape)`) before `replace_embeddings`."
         )
-    if _is_graph_model(model):
-        return _cloned(model, overrides)
-    _replace_in_place(model, overrides)
+    layers = _reachable_layers(model)
+    olds = [layer for layer in layers if _is_keras_embedding(layer)]
+    if not olds:
+        warnings.warn(_nothing_to_replace(model, layers), stacklevel=2)
+        return model
+    # Every replacement is made before the model changes: one that fails
+    # (an override our class rejects) leaves the model as it was.
+    replacements = {id(old): (old, _replacement_for(old, overrides)) for old in olds}
+    for old, new in replacements.values():
+        _take_over_nodes(old, new)
+        _REPLACED[old] = (new, overrides)
+    stores = {
+        id(store) for layer in layers for _, store in layer._tracker.config.values()
+    }
+    owners = [layer for layer in layers if id(layer) not in replacements]
+    for owner in owners:
+        _rewire(owner, replacements, stores)
+    _forget_traced_state(owners)
     return model
 
 
@@ -120,17 +174,62 @@ def _is_keras_embedding(layer):
     return _replacement_class(layer) is not None
 
 
-def _converted(layer, overrides):
-    """Our layer from a Keras layer's config, holding its variables."""
-    config = {**layer.get_config(), **overrides}
-    replacement = _replacement_class(layer).from_config(config)
+def _reachable_layers(model):
+    """`model` and every layer it holds, each once, in tracking order.
+
+    Besides the tracked sub-layers, the layers held in attributes outside
+    Keras's tracking: Sequential's inner Functional (`_functional`), which
+    runs its graph.
+    """
+    found = {}
+    pending = [model]
+    while pending:
+        layer = pending.pop(0)
+        if id(layer) in found:
+            continue
+        found[id(layer)] = layer
+        pending.extend(layer._flatten_layers(include_self=False, recursive=False))
+        pending.extend(
+            value
+            for _, value in _attributes(layer)
+            if isinstance(value, keras.layers.Layer)
+        )
+    return list(found.values())
+
+
+def _attributes(owner):
+    """`owner`'s attributes as `(name, value)` pairs. On PyTorch layers are
+    `torch.nn.Module`s, which keep their sub-modules in `_modules`."""
+    attributes = dict(vars(owner))
+    modules = attributes.pop("_modules", None)
+    if isinstance(modules, dict):
+        attributes.update(modules)
+    return list(attributes.items())
+
+
+def _replacement_for(old, overrides):
+    """Our layer for the Keras layer `old`: the one made when a model sharing
+    `old` was upgraded, or a new one from its config, holding its variables."""
+    if old in _REPLACED:
+        new, made_with = _REPLACED[old]
+        if made_with != overrides:
+            raise ValueError(
+                f"Layer '{old.name}' was already replaced, with overrides "
+                f"{made_with}, by `replace_embeddings` on another model that "
+                "holds it; this model gets the same replacement, so that the "
+                "two keep sharing its weights. Call `replace_embeddings` with "
+                f"the same overrides. Received: overrides={overrides}."
+            )
+        return new
+    config = {**old.get_config(), **overrides}
+    new = _replacement_class(old).from_config(config)
     # Built under the old layer's parent scope, its variables get the old
     # variables' paths (e.g. "recommender/users/embeddings").
-    parent = layer.path.rpartition("/")[0] if layer.path else ""
+    parent = old.path.rpartition("/")[0] if old.path else ""
     with keras.name_scope(parent) if parent else contextlib.nullcontext():
-        replacement.build()
-    _copy_variables(layer, replacement)
-    return replacement
+        new.build()
+    _copy_variables(old, new)
+    return new
 
 
 def _copy_variables(source, target):
@@ -151,91 +250,153 @@ def _copy_variables(source, target):
         new.assign(keras.ops.convert_to_numpy(old))
 
 
-def _is_graph_model(model):
-    """Functional and Sequential models, which `clone_model` can rebuild."""
-    if isinstance(model, keras.Sequential):
-        return True
-    return type(model).__name__ == "Functional"
-
-
-def _cloned(model, overrides):
-    originals = {}
-
-    def clone(layer):
-        if _is_keras_embedding(layer):
-            replacement = _converted(layer, overrides)
-        else:
-            replacement = layer.__class__.from_config(layer.get_config())
-        originals[id(replacement)] = layer
-        return replacement
-
-    cloned = keras.models.clone_model(model, clone_function=clone, recursive=True)
-    for layer in cloned._flatten_layers(include_self=False):
-        original = originals.get(id(layer))
-        if original is None or _is_keras_embedding(original):
-            continue
-        if isinstance(original, keras.Model) and _is_graph_model(original):
-            continue  # its layers are copied one by one
-        _copy_variables(original, layer)
-    return cloned
-
-
-def _replace_in_place(model, overrides):
-    replacements = {}
-
-    def replacement_for(owner, old):
-        if id(old) not in replacements:
-            replacements[id(old)] = (old, _converted(old, overrides))
-        new = replacements[id(old)][1]
-        # The owner's tracker lists its sub-layers (and so its weights) in
-        # order: the replacement takes the old layer's place.
-        if owner._tracker.is_in_store("layers", old):
-            owner._tracker.replace_tracked_value("layers", old, new)
-        return new
-
-    for owner in list(model._flatten_layers(include_self=True)):
-        # The tracker's own lists are updated by replace_tracked_value.
-        stores = [store for _, store in owner._tracker.config.values()]
-        for name, value in list(vars(owner).items()):
-            if any(value is store for store in stores):
-                continue
-            if _is_keras_embedding(value):
-                setattr(owner, name, replacement_for(owner, value))
-            elif isinstance(value, list):
-                # Item assignment through the container's own method: on
-                # TensorFlow a tracked list keeps its items in a wrapped list.
-                for index, item in enumerate(list(value)):
-                    if _is_keras_embedding(item):
-                        value[index] = replacement_for(owner, item)
-            elif isinstance(value, dict):
-                for key, item in list(value.items()):
-                    if _is_keras_embedding(item):
-                        value[key] = replacement_for(owner, item)
-    for old, new in replacements.values():
-        _take_over_nodes(old, new)
-    # Functions traced before the replacement still hold the old layers:
-    # Keras's, and keras-hub's `CausalLM.generate_function` (cleared as its
-    # own `quantize` does), in the model and in the tasks it holds.
-    model.train_function = model.test_function = model.predict_function = None
-    for owner in model._flatten_layers(include_self=True):
-        if getattr(owner, "generate_function", None) is not None:
-            owner.generate_function = None
-
-
 def _take_over_nodes(old, new):
     """Makes the graph nodes where `old` was called run `new`.
 
-    A model built with the functional API, a subclass's included, runs
-    `node.operation` for each node of its graph; the nodes are shared by
-    every model whose graph holds them (a backbone inside a task model), so
-    rewriting them upgrades all of those at once.
+    A model built with the functional API (a Sequential model's inner
+    Functional, a subclass's included) runs `node.operation` for each node of
+    its graph. The nodes are shared by every model whose graph holds them (a
+    backbone inside a task model), so rewriting them upgrades all of those at
+    once. The nodes are appended to `new`'s (which has some already when it
+    replaces `old` in a second model), and their output tensors'
+    `_keras_history` names `new` and the node's index there.
     """
-    for node in old._inbound_nodes:
+    offset = len(new._inbound_nodes)
+    for index, node in enumerate(old._inbound_nodes):
         node.operation = new
         for tensor in node.outputs:
-            history = tensor._keras_history
-            tensor._keras_history = history._replace(operation=new)
-    new._inbound_nodes = old._inbound_nodes
-    new._outbound_nodes = old._outbound_nodes
+            tensor._keras_history = tensor._keras_history._replace(
+                operation=new, node_index=offset + index
+            )
+    new._inbound_nodes = [*new._inbound_nodes, *old._inbound_nodes]
+    new._outbound_nodes = [*new._outbound_nodes, *old._outbound_nodes]
     old._inbound_nodes = []
     old._outbound_nodes = []
+
+
+def _rewire(owner, replacements, stores):
+    """Puts each replacement where `owner` holds the layer it replaces."""
+
+    def new_for(value):
+        old, new = replacements.get(id(value), (None, None))
+        return new if value is old else None
+
+    # The owner's tracker lists its sub-layers (and so its weights) in order:
+    # the replacement takes the old layer's place.
+    for old, new in replacements.values():
+        if owner._tracker.is_in_store("layers", old):
+            owner._tracker.replace_tracked_value("layers", old, new)
+    attributes = [(n, v) for n, v in _attributes(owner) if id(v) not in stores]
+    # Attributes first: on TensorFlow, setting one also replaces the layer in
+    # the object's checkpoint dependencies, provided its dict of them
+    # (walked next) still names the old layer.
+    for name, value in attributes:
+        if new_for(value) is not None:
+            setattr(owner, name, new_for(value))
+    for _, value in attributes:
+        _replace_items(value, new_for, stores, seen=set())
+    graph_nodes = getattr(owner, "_nodes", None)
+    if isinstance(owner, keras.Function) and isinstance(graph_nodes, set):
+        _rekey_nodes(owner, graph_nodes, replacements)
+
+
+def _rekey_nodes(function, graph_nodes, replacements):
+    """Keras's keys of the nodes a graph owns, `f"{id(operation)}_ib-{index
+    of the node in operation._inbound_nodes}"`, for the nodes that now run a
+    replacement (`get_config` and `summary` skip a node without its key)."""
+    olds = {str(id(old)) for old, _ in replacements.values()}
+    for key in list(graph_nodes):
+        if key.partition("_ib-")[0] in olds:
+            graph_nodes.discard(key)
+    news = {id(new): new for _, new in replacements.values()}
+    for nodes in function._nodes_by_depth.values():
+        for node in nodes:
+            new = news.get(id(node.operation))
+            if new is not None:
+                index = next(i for i, n in enumerate(new._inbound_nodes) if n is node)
+                graph_nodes.add(f"{id(new)}_ib-{index}")
+
+
+def _replace_items(container, new_for, stores, seen):
+    """Replaces the old layers among the items (and keys) of nested lists
+    and dicts."""
+    if id(container) in stores or id(container) in seen:
+        return
+    seen.add(id(container))
+    if isinstance(container, list):
+        for index, item in enumerate(list(container)):
+            if new_for(item) is not None:
+                _set_item(container, index, new_for(item))
+            else:
+                _replace_items(item, new_for, stores, seen)
+    elif isinstance(container, dict):
+        if any(new_for(key) is not None for key in container):
+            # Keyed by layer: Keras's `_compiled_trainable_state`.
+            items = [(new_for(key) or key, item) for key, item in container.items()]
+            container.clear()
+            container.update(items)
+        for key, item in list(container.items()):
+            if new_for(item) is not None:
+                container[key] = new_for(item)
+            else:
+                _replace_items(item, new_for, stores, seen)
+
+
+def _set_item(container, index, layer):
+    """`container[index] = layer`, through the list's own method: on
+    TensorFlow a list held in an attribute (a graph's `_operations`) is a
+    `ListWrapper` keeping its items in a wrapped list and tracking each as a
+    checkpoint dependency."""
+    # Once an item is replaced, such a wrapper refuses to be saved (SavedModel
+    # export, checkpoints), as it could not restore the list at creation. The
+    # replacement stands for the layer the model would have been built with:
+    # the wrapper takes its items as if it had been created with them.
+    unchanged = getattr(container, "_non_append_mutation", None) is False
+    container[index] = layer
+    if unchanged and hasattr(container, "_last_wrapped_list_snapshot"):
+        container._non_append_mutation = False
+        container._last_wrapped_list_snapshot = list(container)
+
+
+def _forget_traced_state(owners):
+    """Drops what Keras built from the old layers."""
+    for owner in owners:
+        # Functions traced before the replacement still hold the old layers:
+        # Keras's, and keras-hub's `CausalLM.generate_function` (cleared as
+        # its own `quantize` does), in the model and the models it holds.
+        if isinstance(owner, keras.Model):
+            owner.train_function = None
+            owner.test_function = None
+            owner.predict_function = None
+        if getattr(owner, "generate_function", None) is not None:
+            owner.generate_function = None
+        # On PyTorch a layer lists its variables (its sub-layers' included)
+        # as torch parameters, tracked again as Keras's `Model.quantize` does.
+        if hasattr(owner, "_torch_params"):
+            owner._track_variables()
+
+
+def _nothing_to_replace(model, layers):
+    """The warning for a model without a layer to replace."""
+    keras_classes = tuple(keras_class for keras_class, _ in REPLACEMENTS)
+    ours = [layer for layer in layers if isinstance(layer, Embedding)]
+    changed = [
+        layer
+        for layer in layers
+        if isinstance(layer, keras_classes) and not isinstance(layer, Embedding)
+    ]
+    message = (
+        f"`replace_embeddings` left model '{model.name}' unchanged: it holds "
+        "no `keras.layers.Embedding` or `keras.layers.ReversibleEmbedding`, "
+        "nor a subclass of either that adds nothing to it. Subclasses of "
+        "Keras's layers that override methods are left alone, as their call "
+        "may differ"
+    )
+    message += f" (here {_names(changed)})." if changed else "; this model holds none."
+    if ours:
+        message += f" Its layers {_names(ours)} are keras_ext_embedding's already."
+    return message
+
+
+def _names(layers):
+    return ", ".join(f"'{layer.name}' ({type(layer).__name__})" for layer in layers)

@@ -222,6 +222,19 @@ def serialize(rule):
     return keras.optimizers.serialize(cls.from_config(config))
 
 
+def config_copy(config):
+    """A deep copy of a serialized optimizer, as plain dicts and lists.
+
+    The layer's tracker wraps the dicts of its `optimizer` attribute, and
+    `copy.deepcopy` of a wrapped dict would copy the tracker: the layer and
+    everything it holds."""
+    if isinstance(config, dict):
+        return {key: config_copy(value) for key, value in config.items()}
+    if isinstance(config, (list, tuple)):
+        return [config_copy(value) for value in config]
+    return config
+
+
 class RowSparseState:
     """The slots and step counter of one trained variable (`target`: the
     table's `embeddings`, or LoRA's `lora_embeddings_a`), and the lookup

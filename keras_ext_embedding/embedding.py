@@ -1,4 +1,3 @@
-import copy
 import warnings
 
 import keras
@@ -13,6 +12,7 @@ from keras_ext_embedding import (
     _row_sparse,
     _runs,
     _tables,
+    _traced_ids,
 )
 from keras_ext_embedding._arguments import (
     check_choice,
@@ -42,10 +42,13 @@ class Embedding(keras.layers.Layer):
       `keras_ext_embedding.InvalidIdError` (a `ValueError`) naming the first
       invalid id, its position and the valid range. When the ids are traced
       (`jax.jit`, `tf.function`, the compiled steps of `Model.fit`/`predict`
-      on TensorFlow and JAX), nothing can raise, so each invalid position
-      gets an all-zero vector. `invalid_ids="zeros"` asks for zeros always:
-      no check and no device-to-host sync, for pipelines that validate ids
-      upstream.
+      on TensorFlow and JAX), nothing can raise at the id, so each invalid
+      position gets an all-zero vector, and is counted in the graph:
+      `fit` and `evaluate` raise `InvalidIdError` with the count at the end
+      of the epoch or evaluation that met any, and `traced_invalid_ids`
+      holds the count (after `predict`, or a step of one's own).
+      `invalid_ids="zeros"` asks for zeros always: no check, no count and
+      no device-to-host sync, for pipelines that validate ids upstream.
     - Integer ids of any width are used as they are; float ids are accepted
       when they hold whole numbers (`keras.Input` defaults to float32), and
       refused when their dtype cannot hold every id below `input_dim` exactly.
@@ -220,6 +223,8 @@ class Embedding(keras.layers.Layer):
         self._adapters = None
         # Keras's flag, read by `quantize` and the dtype_policy setter.
         self._is_quantized = False
+        # The count of invalid ids met by traced lookups (made in `build`).
+        self._traced_invalid_ids = None
 
         if weights is not None:
             self.build()
@@ -228,6 +233,15 @@ class Embedding(keras.layers.Layer):
     def build(self, input_shape=None):
         if self.built:
             return
+        if keras.config.backend() != "torch":
+            # PyTorch reads the ids on the host even under torch.compile (the
+            # read breaks its graph): its lookups raise at the id and never
+            # count, so it gets no counter (`state_dict()` stays Keras's).
+            self._traced_invalid_ids = _traced_ids.TracedInvalidIds(self)
+            # Held in the layer's metrics, not as an attribute: Keras reads
+            # it at the end of each epoch and evaluation (`_traced_ids`), and
+            # saving walks attributes, not metrics.
+            self._metrics.append(_traced_ids.Report(self._traced_invalid_ids))
         if self.quantization_mode is not None:
             self.quantized_build(
                 (self.input_dim, self.output_dim),
@@ -253,6 +267,34 @@ class Embedding(keras.layers.Layer):
         if not self.built:
             raise AttributeError(UNBUILT_EMBEDDINGS)
         return self._table.embeddings(self._adapters)
+
+    @property
+    def traced_invalid_ids(self):
+        """How many invalid ids traced lookups met since the last report.
+
+        With `invalid_ids="raise"`, a traced lookup (a compiled step of
+        `fit`, `evaluate` or `predict` on TensorFlow and JAX, a `tf.function`
+        or `stateless_call` step of one's own passing `training`) gives
+        zeros at invalid ids and counts them here. `fit` and `evaluate` raise
+        `InvalidIdError` at the end of the epoch or evaluation that met any;
+        after `predict`, read the count here (the next `fit` or `evaluate`
+        warns about it). 0 before the layer is built, and always on
+        PyTorch, whose lookups read the ids and raise at the first invalid
+        one.
+        """
+        if self._traced_invalid_ids is None:
+            return 0
+        return self._traced_invalid_ids.value()
+
+    @property
+    def variables(self):
+        # Keras's variables and the traced invalid-id counter: state that
+        # `stateless_call` carries, but no weight (`layer.weights` and
+        # checkpoints are Keras's).
+        variables = super().variables
+        if self._traced_invalid_ids is None:
+            return variables
+        return [*variables, self._traced_invalid_ids.variable]
 
     @property
     def lora_kernel_a(self):
@@ -394,8 +436,13 @@ class Embedding(keras.layers.Layer):
         if not self.built:
             raise ValueError("Cannot enable lora on a layer that isn't yet built.")
         if self.lora_enabled:
+            # Keras's message first: its tests match it.
             raise ValueError(
-                "lora is already enabled. This can only be done once per layer."
+                f"lora is already enabled on layer '{self.name}', with rank "
+                f"{self.lora_rank} (lora_alpha={self.lora_alpha}): it can be "
+                "enabled only once per layer. To enable LoRA again (received: "
+                f"rank={rank!r}), call `merge_lora()` first: it folds the "
+                "adapters into the table and removes them."
             )
         check_positive_int("rank", rank)
         if lora_alpha is not None:
@@ -710,7 +757,7 @@ class Embedding(keras.layers.Layer):
             config["invalid_ids"] = self.invalid_ids
         if self.optimizer is not None:
             # A copy: Keras's deserialization rewrites a config in place.
-            config["optimizer"] = copy.deepcopy(self.optimizer)
+            config["optimizer"] = _row_sparse.config_copy(self.optimizer)
         return {**base_config, **config}
 
     @classmethod
@@ -778,6 +825,9 @@ class Embedding(keras.layers.Layer):
         if self._adapters is not None:
             lora_training = self._row_sparse_step(self._lora_training, training)
             delta = self._adapters.rows(index, reader, lora_training, touched)
+        if valid is not None and self._traced_invalid_ids is not None:
+            if self.invalid_ids == "raise":
+                self._traced_invalid_ids.add(valid, training)
             outputs = ops.add(outputs, delta)
         if self._lookup_dtype() != self.compute_dtype:
             outputs = ops.cast(outputs, self.compute_dtype)

@@ -284,6 +284,8 @@ def test_compiled_predict_without_compile_gives_zeros():
     model, layer = make_model()
     out = model.predict(BAD_IDS, batch_size=1, verbose=0)
     np.testing.assert_array_equal(out, expected_with_zeros(layer))
+    # Not silent: the count waits in the layer (see the tests of reports).
+    assert layer.traced_invalid_ids == BAD_MASK.sum()
 
 
 @pytest.mark.skipif(
@@ -333,8 +335,10 @@ def test_compiled_fit_with_invalid_ids_stays_finite():
     model, layer = fit_model()
     model.compile(keras.optimizers.SGD(0.1), "mse")
     before = table_of(layer)
-    history = model.fit(BAD_IDS, TARGETS, epochs=3, verbose=0)
-    assert np.isfinite(history.history["loss"]).all()
+    # The epoch trains on zeros at the invalid ids, then fit raises with
+    # their count (one epoch's: it stops after the first).
+    with pytest.raises(InvalidIdError, match=f"looked up {BAD_MASK.sum()} invalid"):
+        model.fit(BAD_IDS, TARGETS, epochs=3, verbose=0)
     for variable in model.weights:
         assert np.isfinite(ops.convert_to_numpy(variable)).all(), variable.path
     # Invalid ids read row 0 behind the zeros, but none of their gradient may
@@ -354,8 +358,8 @@ def test_compiled_fit_on_only_invalid_ids_leaves_the_table():
     model.compile(keras.optimizers.SGD(0.1), "mse")
     before = table_of(layer)
     ids = np.array([[-1, 10, 11, 2**30]], dtype="int32")
-    history = model.fit(ids, TARGETS[:1], epochs=2, verbose=0)
-    assert np.isfinite(history.history["loss"]).all()
+    with pytest.raises(InvalidIdError, match="looked up 4 invalid ids"):
+        model.fit(ids, TARGETS[:1], epochs=2, verbose=0)
     np.testing.assert_array_equal(table_of(layer), before)
 
 
@@ -428,10 +432,11 @@ def test_jax_jit_gives_zeros():
     layer.build()
 
     @jax.jit
-    def lookup(variables, ids):
-        return layer.stateless_call(variables, [], ids)[0]
+    def lookup(variables, state, ids):
+        return layer.stateless_call(variables, state, ids)[0]
 
-    out = lookup([v.value for v in layer.trainable_variables], BAD_IDS)
+    state = [v.value for v in layer.non_trainable_variables]
+    out = lookup([v.value for v in layer.trainable_variables], state, BAD_IDS)
     np.testing.assert_array_equal(to_numpy(out), expected_with_zeros(layer))
 
 
@@ -442,11 +447,165 @@ def test_jax_jit_gradient_is_finite_and_skips_invalid_ids():
     layer = Embedding(10, 3)
     layer.build()
 
+    state = [v.value for v in layer.non_trainable_variables]
+
     def loss(table, ids):
-        return layer.stateless_call([table], [], ids)[0].sum()
+        return layer.stateless_call([table], state, ids)[0].sum()
 
     grad = jax.jit(jax.grad(loss))(layer.trainable_variables[0].value, BAD_IDS)
     np.testing.assert_array_equal(np.asarray(grad), expected_gradient())
+
+
+# --- Traced invalid ids are reported -------------------------------------------------
+
+REPORT = f"Layer 'tokens' looked up {BAD_MASK.sum()} invalid ids in traced calls"
+GOOD_IDS = np.array([[1, 2, 3, 4], [5, 6, 7, 8]], dtype="int32")
+
+
+@pytest.mark.skipif(not COMPILED_BY_DEFAULT, reason="evaluate is eager on torch")
+def test_compiled_evaluate_raises_at_its_end_with_the_count():
+    model, layer = fit_model()
+    model.compile(keras.optimizers.SGD(0.1), "mse")
+    with pytest.raises(InvalidIdError) as info:
+        model.evaluate(BAD_IDS, TARGETS, batch_size=1, verbose=0)
+    message = str(info.value)
+    assert message.startswith(REPORT + " since the last report"), message
+    assert "[0, 9] (input_dim=10)" in message
+    assert "invalid_ids='zeros'" in message
+    # Reported once: the count starts again, and valid ids evaluate as usual.
+    assert layer.traced_invalid_ids == 0
+    assert np.isfinite(model.evaluate(GOOD_IDS, TARGETS, verbose=0))
+
+
+@pytest.mark.skipif(not COMPILED_BY_DEFAULT, reason="predict is eager on torch")
+def test_a_count_left_by_predict_is_warned_at_the_next_evaluate():
+    model, layer = fit_model()
+    model.compile(keras.optimizers.SGD(0.1), "mse")
+    model.predict(BAD_IDS, verbose=0)
+    assert layer.traced_invalid_ids == BAD_MASK.sum()
+    with pytest.warns(UserWarning, match=REPORT + " before this fit or evaluate"):
+        loss = model.evaluate(GOOD_IDS, TARGETS, verbose=0)
+    assert np.isfinite(loss)
+    assert layer.traced_invalid_ids == 0
+
+
+@pytest.mark.skipif(not COMPILED_BY_DEFAULT, reason="fit is eager on torch")
+def test_fit_on_valid_ids_reports_nothing_and_keeps_keras_logs():
+    model, layer = fit_model()
+    model.compile(keras.optimizers.SGD(0.1), "mse", metrics=["mae"])
+    history = model.fit(GOOD_IDS, TARGETS, epochs=2, verbose=0)
+    # The report adds no key to the logs, nor a value to evaluate's list.
+    assert sorted(history.history) == ["loss", "mae"]
+    assert len(model.evaluate(GOOD_IDS, TARGETS, verbose=0)) == 2
+    assert layer.traced_invalid_ids == 0
+
+
+@pytest.mark.skipif(not COMPILED_BY_DEFAULT, reason="fit is eager on torch")
+def test_fit_after_a_report_trains_on():
+    model, layer = fit_model()
+    model.compile(keras.optimizers.SGD(0.1), "mse")
+    with pytest.raises(InvalidIdError, match=REPORT):
+        model.fit(BAD_IDS, TARGETS, epochs=1, verbose=0)
+    before = table_of(layer)
+    history = model.fit(GOOD_IDS, TARGETS, epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"]).all()
+    assert not np.array_equal(table_of(layer), before)
+
+
+@pytest.mark.skipif(COMPILED_BY_DEFAULT, reason="torch compiles only on request")
+def test_torch_compiled_fit_raises_at_the_id():
+    # torch.compile breaks the graph at the host read of the ids: the check
+    # runs eagerly and raises at the first invalid id, as without it.
+    model, _ = fit_model()
+    model.compile(keras.optimizers.SGD(0.1), "mse", jit_compile=True)
+    with pytest.raises(InvalidIdError) as info:
+        model.fit(BAD_IDS, TARGETS, epochs=1, shuffle=False, verbose=0)
+    assert_invalid_id_error(info.value, "tokens", "10", (0, 1), 10)
+
+
+def test_zeros_mode_counts_nothing():
+    model, layer = fit_model(invalid_ids="zeros")
+    model.compile(keras.optimizers.SGD(0.1), "mse")
+    history = model.fit(BAD_IDS, TARGETS, epochs=2, verbose=0)
+    assert np.isfinite(history.history["loss"]).all()
+    model.predict(BAD_IDS, verbose=0)
+    assert layer.traced_invalid_ids == 0
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="a TensorFlow graph's ops")
+@pytest.mark.parametrize("mode", ["raise", "zeros"])
+def test_only_raise_adds_the_count_to_a_traced_lookup(mode):
+    import tensorflow as tf
+
+    layer = Embedding(10, 3, invalid_ids=mode)
+    layer.build()
+    lookup = tf.function(lambda ids: layer(ids, training=False))
+    graph = lookup.get_concrete_function(tf.TensorSpec((None, 4), tf.int32)).graph
+    writes = [op.type for op in graph.get_operations() if "Assign" in op.type]
+    assert writes == (["AssignVariableOp"] if mode == "raise" else [])
+
+
+def test_the_counter_is_state_not_a_weight():
+    model, layer = make_model()
+    assert [v.name for v in layer.weights] == ["embeddings"]
+    # PyTorch reads every id on the host: nothing to count, no counter.
+    counter = [] if BACKEND == "torch" else ["traced_invalid_ids"]
+    assert [v.name for v in layer.variables] == ["embeddings", *counter]
+    assert [v.name for v in model.non_trainable_variables] == counter
+    assert layer.traced_invalid_ids == 0
+    assert Embedding(10, 3).traced_invalid_ids == 0  # unbuilt
+    if BACKEND == "torch":
+        keras_model = keras.Sequential(
+            [keras.Input((4,), dtype="int32"), keras.layers.Embedding(10, 3)]
+        )
+        assert [tuple(v.shape) for v in model.state_dict().values()] == [
+            tuple(v.shape) for v in keras_model.state_dict().values()
+        ]
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="tf.function is TensorFlow's")
+def test_tf_function_step_of_ones_own_counts():
+    import tensorflow as tf
+
+    model, layer = make_model()
+    step = tf.function(lambda ids: model(ids, training=True))
+    np.testing.assert_array_equal(
+        to_numpy(step(tf.constant(BAD_IDS))), expected_with_zeros(layer)
+    )
+    tf.function(lambda ids: model(ids, training=False), jit_compile=True)(
+        tf.constant(BAD_IDS)
+    )
+    assert layer.traced_invalid_ids == 2 * BAD_MASK.sum()
+    # A call without `training` (an export's serving function) adds no state.
+    tf.function(model)(tf.constant(BAD_IDS))
+    assert layer.traced_invalid_ids == 2 * BAD_MASK.sum()
+    with pytest.raises(InvalidIdError, match="looked up 8 invalid ids"):
+        model.get_metrics_result()
+    assert layer.traced_invalid_ids == 0
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="jax.jit is JAX's")
+def test_jax_stateless_step_of_ones_own_counts():
+    import jax
+
+    model, layer = make_model()
+    trainable = [v.value for v in model.trainable_variables]
+    state = [v.value for v in model.non_trainable_variables]
+    step = jax.jit(lambda t, s, ids: model.stateless_call(t, s, ids, training=True))
+    out, state = step(trainable, state, BAD_IDS)
+    np.testing.assert_array_equal(to_numpy(out), expected_with_zeros(layer))
+    # The count comes back with the state, as any non-trainable variable.
+    assert [int(value) for value in state] == [BAD_MASK.sum()]
+    for variable, value in zip(model.non_trainable_variables, state, strict=True):
+        variable.assign(value)
+    assert layer.traced_invalid_ids == BAD_MASK.sum()
+    with pytest.raises(InvalidIdError, match=REPORT):
+        model.get_metrics_result()
+    # jax.jit over a plain model call cannot carry the count: zeros, no
+    # leaked tracer in the counter.
+    out = jax.jit(lambda ids: model(ids, training=False))(BAD_IDS)
+    np.testing.assert_array_equal(to_numpy(out), expected_with_zeros(layer))
+    assert layer.traced_invalid_ids == 0
 
 
 # --- invalid_ids="zeros" -----------------------------------------------------------

@@ -153,6 +153,11 @@ def logits_of(model, name, **inputs):
     return ops.convert_to_numpy(model(inputs_of(name, **inputs)))
 
 
+def predict_of(model, name):
+    """`model.predict`'s logits: a traced call."""
+    return np.asarray(model.predict(inputs_of(name), batch_size=2, verbose=0))
+
+
 def fit_data(name):
     if name == "bert":
         tokens = FIT_TOKENS[:, :8]
@@ -257,6 +262,8 @@ def check_replacement(name, model, results):
     backbone = model.backbone
     with results.step("replace") as facts:
         facts["before"] = embedding_layers(model)
+        # A predict function traced before the upgrade, which it drops.
+        results.save("stock_predicted", predict_of(model, name))
         returned = replace_embeddings(model)
         facts["returned_same_model"] = returned is model
         facts["after"] = embedding_layers(model)
@@ -278,7 +285,24 @@ def check_replacement(name, model, results):
             )
         facts["logit_soft_cap"] = getattr(layer, "logit_soft_cap", None)
         facts["tie_weights"] = getattr(layer, "tie_weights", None)
+        # No Keras embedding layer nor variable is left in the model.
+        keras_layers = [
+            layer
+            for layer in model._flatten_layers()
+            if isinstance(layer, keras.layers.Embedding)
+        ]
+        facts["keras_layers_left"] = [layer.path for layer in keras_layers]
+        ours = [
+            layer
+            for layer in model._flatten_layers()
+            if isinstance(layer, keras_ext_embedding.Embedding)
+        ]
+        model_variables = {id(v) for v in model.weights}
+        facts["our_variables_in_model"] = all(
+            id(v) in model_variables for layer in ours for v in layer.weights
+        )
         results.save("replaced_logits", logits_of(model, name))
+        results.save("replaced_predicted", predict_of(model, name))
 
     with results.step("runs_our_layer") as facts:
         layer = backbone.token_embedding
@@ -294,6 +318,10 @@ def check_replacement(name, model, results):
         variable.assign(moved)
         facts["row_change_logit_diff"] = max_diff(
             logits_of(model, name), np.load(results.directory / "replaced_logits.npy")
+        )
+        facts["row_change_predict_diff"] = max_diff(
+            predict_of(model, name),
+            np.load(results.directory / "replaced_predicted.npy"),
         )
         variable.assign(original)
         if name == "bert":
@@ -413,7 +441,8 @@ def check_quantize(name, weights, mode, results):
 
 def check_hub_layer(results):
     """keras_hub.layers.ReversibleEmbedding (keras-hub's own subclass, which
-    none of its models use) in a Functional model: the model is cloned."""
+    none of its models use) in a Functional model, upgraded in place, then
+    saved to `.keras` and reloaded."""
     with results.step("replace") as facts:
         keras.utils.set_random_seed(SEED)
         inputs = keras.Input((None,), dtype="int32")
@@ -424,13 +453,19 @@ def check_hub_layer(results):
         model = keras.Model(inputs, embedding(hidden, reverse=True))
         results.save("stock_logits", ops.convert_to_numpy(model(TOKEN_IDS)))
         facts["before"] = embedding_layers(model)
-        upgraded = replace_embeddings(model)
-        facts["after"] = embedding_layers(upgraded)
-        facts["graph"] = graph_embeddings(upgraded)
-        results.save("replaced_logits", ops.convert_to_numpy(upgraded(TOKEN_IDS)))
+        facts["returned_same_model"] = replace_embeddings(model) is model
+        facts["after"] = embedding_layers(model)
+        facts["graph"] = graph_embeddings(model)
+        facts["get_layer"] = class_of(model.get_layer("token_embedding"))
+        results.save("replaced_logits", ops.convert_to_numpy(model(TOKEN_IDS)))
         bad = TOKEN_IDS.copy()
         bad[1, 1] = -1
-        facts["invalid_token"] = raised_by(lambda: upgraded(bad))
+        facts["invalid_token"] = raised_by(lambda: model(bad))
+        path = results.directory / "upgraded.keras"
+        model.save(path)
+        reloaded = keras.saving.load_model(path)
+        facts["reloaded"] = embedding_layers(reloaded)
+        results.save("reloaded_logits", ops.convert_to_numpy(reloaded(TOKEN_IDS)))
 
 
 def save_stock(name, directory):
