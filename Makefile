@@ -1,8 +1,21 @@
 # make setup | test | unit | integration | demo | bench | docs | docs-serve | lint | actionlint | format
 # test = lint + docs + unit + integration; BACKENDS=jax (or "jax torch") runs
-# unit and integration for the listed backends only.
+# unit and integration for the listed backends only. KERAS=nightly runs any of
+# them on the next Keras instead of the pinned one (see below).
 PYTHON ?= python3
+# KERAS=pinned: .venv, with the keras that requirements-dev.txt pins (the
+# oldest this package supports). KERAS=nightly: .venv-nightly, the same
+# environment with the newest keras-nightly in place of keras, so that the
+# suites see what the next Keras release breaks before users do. Two venvs
+# side by side: switching never reinstalls either one.
+KERAS ?= pinned
+ifeq ($(KERAS),pinned)
 VENV := .venv
+else ifeq ($(KERAS),nightly)
+VENV := .venv-nightly
+else
+$(error KERAS must be pinned or nightly; received KERAS=$(KERAS))
+endif
 PY := $(VENV)/bin/python
 BACKENDS := tensorflow jax torch
 STAMP := $(VENV)/.installed
@@ -24,6 +37,15 @@ $(STAMP): pyproject.toml requirements-dev.txt requirements-keras-hub.txt
 	$(PY) -m pip install --quiet -r requirements-dev.txt
 	$(PY) -m pip install --quiet --no-deps -r requirements-keras-hub.txt
 	$(PY) -m pip install --quiet --no-deps -e .
+ifeq ($(KERAS),nightly)
+# keras-nightly ships the same `keras` package as keras and requires the same
+# packages, all installed above. On a rebuild requirements-dev.txt has put
+# keras back over its files, and uninstalling keras removed them: hence
+# --force-reinstall. It is taken when the stamp is made: `rm
+# .venv-nightly/.installed` makes the next run take the newest one.
+	$(PY) -m pip uninstall --quiet -y keras
+	$(PY) -m pip install --quiet --no-deps --pre --upgrade --force-reinstall keras-nightly
+endif
 	touch $(STAMP)
 
 lint: setup

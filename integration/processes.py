@@ -9,6 +9,7 @@ selects the backends a run covers: `BACKENDS` holds them, and a test that
 needs another backend is skipped with `needs(backend)`.
 """
 
+import importlib.metadata
 import os
 import subprocess
 import sys
@@ -39,6 +40,41 @@ def selected_backends(value):
 
 
 BACKENDS = selected_backends(os.environ.get("INTEGRATION_BACKENDS", ""))
+
+
+def installed_version(*distributions):
+    """The version of the first of `distributions` installed, from its
+    metadata (this process never imports keras), or None."""
+    for name in distributions:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return None
+
+
+def _major_minor(version):
+    return tuple(int(part) for part in version.split(".")[:2])
+
+
+# `make ... KERAS=nightly` installs keras-nightly in place of keras.
+KERAS = installed_version("keras", "keras-nightly")
+KERAS_HUB = installed_version("keras-hub")
+# keras-hub 0.32 (requirements-keras-hub.txt) imports
+# `keras.src.backend.get_keras_mask`, which the Keras 3.16 nightlies removed:
+# `import keras_hub` fails there, for keras-hub's reasons. A keras-hub release
+# newer than 0.32 gets tested again.
+KERAS_HUB_UNSUPPORTED = (
+    f"keras-hub {KERAS_HUB} cannot be imported with Keras {KERAS} (it imports "
+    "keras.src.backend.get_keras_mask, which Keras 3.16 removed)"
+    if KERAS_HUB is not None
+    and _major_minor(KERAS) >= (3, 16)
+    and _major_minor(KERAS_HUB) <= (0, 32)
+    else None
+)
+needs_keras_hub_on_this_keras = pytest.mark.skipif(
+    KERAS_HUB_UNSUPPORTED is not None, reason=KERAS_HUB_UNSUPPORTED or ""
+)
 
 
 def needs(backend):

@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 import pytest
-from processes import BACKENDS, ROOT, run_under
+from processes import BACKENDS, KERAS_HUB_UNSUPPORTED, ROOT, run_under
 
 RUN = ROOT / "benchmarks" / "run.py"
 SECTIONS = (
@@ -60,6 +60,8 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
+    if KERAS_HUB_UNSUPPORTED:
+        pytest.skip(f"its decoding section runs keras-hub: {KERAS_HUB_UNSUPPORTED}")
     tmp_path = tmp_path_factory.mktemp("bench")
     # run.py starts a process per backend itself; KERAS_BACKEND here only
     # matters for its own imports, which load no backend.

@@ -3,7 +3,7 @@
 import re
 
 import pytest
-from processes import BACKENDS, ROOT, run_under
+from processes import BACKENDS, ROOT, needs_keras_hub_on_this_keras, run_under
 
 QUICKSTART = ROOT / "examples" / "quickstart.py"
 MOVIELENS = ROOT / "examples" / "movielens.py"
@@ -31,6 +31,7 @@ def test_quickstart_runs(backend):
     assert "int4 model saved and reloaded: max abs difference 0.0\n" in output
 
 
+@needs_keras_hub_on_this_keras  # the example ends with a keras-hub GPT-2
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_language_model_example(backend):
     output = run_under(backend, LANGUAGE_MODEL, timeout=300)

@@ -26,6 +26,10 @@ import warnings
 import numpy as np
 
 LORA_ENTRIES = 3
+# Zero points hold integers in [-8, 7], exact in any dtype, and are read from
+# int8 or float arrays: Keras 3.15 (and this layer) stores an untied reverse
+# table's as float32, later Keras as int8.
+ZERO_POINTS = ("embeddings_zero", "reverse_embeddings_zero")
 
 
 def read_entries(store, layer_name, stored, description, shape_hint):
@@ -45,7 +49,7 @@ def read_entries(store, layer_name, stored, description, shape_hint):
         )
     for (name, variable), array in zip(stored, entries, strict=False):
         expected_integer = np.dtype(str(variable.dtype)).kind == "i"
-        if (array.dtype.kind == "i") != expected_integer:
+        if name not in ZERO_POINTS and (array.dtype.kind == "i") != expected_integer:
             raise ValueError(
                 f"Layer '{layer_name}' cannot load {name} of dtype "
                 f"{array.dtype} from the checkpoint: the layer holds "

@@ -71,6 +71,14 @@ def check_config(config):
         )
 
 
+def keras_default_config(mode):
+    """The config of a bare `quantize(mode)`, as Keras resolves it: int4 in
+    groups of 128."""
+    if mode == "int8":
+        return keras.quantizers.Int8QuantizationConfig()
+    return keras.quantizers.Int4QuantizationConfig()
+
+
 def block_size_of(config):
     """The int4 group size of a config, `None` for one scale per row."""
     block_size = getattr(config, "block_size", None)

@@ -39,6 +39,13 @@ from keras_ext_embedding import (
     _runs,
 )
 
+# Keras from 3.16 on lists each layer's variables per quantization mode in
+# `Layer.variable_serialization_spec`, and a per-row int4 layer holds None in
+# the grouped format's attributes there (`embeddings_zero`, `g_idx`,
+# `reverse_embeddings_zero`); Keras 3.15's holds no such attributes (its tests
+# check that). Ours holds what the installed Keras's layer holds.
+OPTIONAL_VARIABLES_ARE_NONE = hasattr(keras.layers.Layer, "variable_serialization_spec")
+
 FLOAT_SHAPE_HINT = (
     "Build the layer with the input_dim and output_dim the table was made for."
 )
@@ -492,6 +499,13 @@ class Int4Table(_QuantizedTable):
     def width(self):
         return _quantization.packed_width(self.layer.output_dim)
 
+    def build(self):
+        super().build()
+        if OPTIONAL_VARIABLES_ARE_NONE:
+            for role in ("zero", "g_idx"):
+                if self.placement.has(role):
+                    self.placement.set(self.layer, role, None)
+
     def _unpacked(self, values, dtype="int8"):
         return _quantization.unpack_int4(values, self.layer.output_dim, dtype)
 
@@ -546,7 +560,7 @@ class GroupedInt4Table(Int4Table):
         return (self.layer.input_dim, self.groups)
 
     def build(self):
-        super().build()
+        _QuantizedTable.build(self)
         layer, place = self.layer, self.placement
         place.set(
             layer,

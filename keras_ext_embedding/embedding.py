@@ -1,3 +1,4 @@
+import contextlib
 import warnings
 
 import keras
@@ -60,8 +61,8 @@ class Embedding(keras.layers.Layer):
     - Quantized tables (`quantize("int8")`, `quantize("int4")`, or an
       `int8_from_*`/`int4_from_*` dtype policy) keep Keras's variables and
       checkpoint format, but a lookup gathers the quantized rows first and
-      dequantizes only those (Keras unpacks the whole int4 table on every
-      call). LoRA works on a quantized table, and saving keeps the quantized
+      dequantizes only those (Keras 3.15 unpacks the whole int4 table on
+      every call). LoRA works on a quantized table, and saving keeps the quantized
       table and the adapters apart instead of re-quantizing a merge.
 
     Examples:
@@ -552,6 +553,7 @@ class Embedding(keras.layers.Layer):
                 `Int4QuantizationConfig` (custom `weight_quantizer`, int4
                 `block_size`).
         """
+        mode, config = self._check_quantize_arguments(mode, config)
         if type_check and type(self) is not Embedding:
             raise self._not_implemented_error(self.quantize)
         if mode not in _quantization.MODES:
@@ -560,13 +562,14 @@ class Embedding(keras.layers.Layer):
             mode == "int8" or hasattr(self._policy(), "block_size")
         ):
             # Reached from the dtype_policy setter, which sets the policy
-            # first and passes Keras's default config. A policy that names
-            # an int4 block size (`int4/64_from_float32`) is what a reload
-            # builds, so it wins (Keras would group by 128 whatever it
-            # names); a plain `int4_from_float32` takes that default, as in
-            # Keras.
+            # first. A policy that names an int4 block size
+            # (`int4/64_from_float32`) is what a reload builds, so it wins
+            # (Keras 3.15 passes its default config, groups of 128, whatever
+            # the policy names). A plain `int4_from_float32` takes the config
+            # Keras passes, as Keras's own layer does: groups of 128 on 3.15,
+            # one scale per row (what a reload of that name builds) later.
             config = self._default_config(mode)
-        config = config or self._default_config(mode)
+        config = config or _quantization.keras_default_config(mode)
         arrays = [
             _quantization.quantize_table(
                 ops.convert_to_numpy(table.float_table()), mode, config, self.name
@@ -575,13 +578,22 @@ class Embedding(keras.layers.Layer):
         ]
         self.quantization_config = config
         float_variables = [table.variable for table in self._tables()]
-        for table in self._tables():
-            table.remove()
-        if self._table_training is not None:
-            # A quantized table is frozen: its slots go with the float table.
-            self._table_training.remove()
-            self._table_training = None
-        self.quantized_build((self.input_dim, self.output_dim), mode, config)
+        # A built layer locks its variable tracker; the quantized variables
+        # replace the float ones here. (Keras 3.15 also unlocked it around
+        # every layer's `quantize`; later Keras only around its own
+        # quantization, which this method replaces.)
+        self._tracker.unlock()
+        try:
+            for table in self._tables():
+                table.remove()
+            if self._table_training is not None:
+                # A quantized table is frozen: its slots go with the float
+                # table.
+                self._table_training.remove()
+                self._table_training = None
+            self.quantized_build((self.input_dim, self.output_dim), mode, config)
+        finally:
+            self._tracker.lock()
         for table, table_arrays in zip(self._tables(), arrays, strict=True):
             table.assign_quantized(table_arrays)
         if keras.config.backend() == "tensorflow":
@@ -814,6 +826,9 @@ class Embedding(keras.layers.Layer):
         # only when traced or with invalid_ids="zeros") read row 0 and are
         # zeroed below.
         valid = None if checked else _ids.valid_mask(ids, dtype, self.input_dim)
+        counter = self._traced_invalid_ids
+        if valid is not None and counter is not None and self.invalid_ids == "raise":
+            counter.add(valid, training)
         index = _ids.gather_index(ids, dtype, valid, self.input_dim)
         touched = self._touched(index, valid)
         reader = _runs.RowReader(training, ids, checked, self._reads_table_whole())
@@ -825,9 +840,6 @@ class Embedding(keras.layers.Layer):
         if self._adapters is not None:
             lora_training = self._row_sparse_step(self._lora_training, training)
             delta = self._adapters.rows(index, reader, lora_training, touched)
-        if valid is not None and self._traced_invalid_ids is not None:
-            if self.invalid_ids == "raise":
-                self._traced_invalid_ids.add(valid, training)
             outputs = ops.add(outputs, delta)
         if self._lookup_dtype() != self.compute_dtype:
             outputs = ops.cast(outputs, self.compute_dtype)
@@ -876,6 +888,28 @@ class Embedding(keras.layers.Layer):
             (self.input_dim, self.output_dim),
             _tables.FLOAT_SHAPE_HINT,
         )
+
+    def _check_quantize_arguments(self, mode, config):
+        """`quantize`'s `(mode, config)`, checked by Keras with its errors: a
+        mode or config Keras does not know, a config of another mode, an
+        unbuilt or already quantized layer, int8 with float16 compute.
+
+        Keras 3.15 makes these checks in a wrapper it puts around every
+        layer's `quantize`; later Keras makes them in `Layer.quantize`
+        itself, which this layer overrides. That base method checks, then
+        refuses a layer that describes no quantization geometry of Keras's,
+        as this one (it quantizes its own tables), with
+        `NotImplementedError`; Keras 3.15's refuses at once. Calling it
+        checks on every version, and on 3.15 again what passed once.
+        """
+        with contextlib.suppress(NotImplementedError):
+            keras.layers.Layer.quantize(self, mode, config=config)
+        if isinstance(config, str):
+            # Keras's shorthand: `quantize(config="int8")`.
+            return config, None
+        if config is not None:
+            return config.mode, config
+        return mode, None
 
     def _default_config(self, mode):
         """The config when none is passed: the layer's `quantization_config`

@@ -25,8 +25,9 @@ class ReversibleEmbedding(Embedding):
 
     - Float: one table-first matmul, `(W @ h^T)^T` (no transposed table).
     - LoRA (tied): `h @ W^T + (lora_alpha / rank) * (h @ B^T) @ A^T`, in every
-      table format. Keras adds the adapters to the float tied projection
-      only, not to a quantized one (keras-team/keras#23630). With untied
+      table format. Keras 3.15 adds the adapters to the float tied
+      projection only, not to a quantized one (keras-team/keras#23630;
+      Keras 3.16 adds them in every format too). With untied
       weights `reverse_embeddings` is frozen while LoRA trains (Keras leaves
       the whole head trainable) and gets no adapters.
     - int8: Keras's numerics, bit for bit: the hidden states quantized by
@@ -228,6 +229,7 @@ class ReversibleEmbedding(Embedding):
             config: Optional `keras.quantizers.Int8QuantizationConfig` or
                 `Int4QuantizationConfig`.
         """
+        mode, config = self._check_quantize_arguments(mode, config)
         if type_check and type(self) is not ReversibleEmbedding:
             raise self._not_implemented_error(self.quantize)
         super().quantize(mode, type_check=False, config=config)
@@ -243,9 +245,9 @@ class ReversibleEmbedding(Embedding):
         # per token, int4's none). Without one (a layer built from a
         # quantized dtype policy alone, as when loading a weights file),
         # int8 quantizes hidden states and int4 does not: the logits are
-        # those of the layer that was quantized and saved. Keras quantizes
-        # them for int4 too there, so its reloaded int4 layer's logits
-        # differ from the saved one's.
+        # those of the layer that was quantized and saved. Keras 3.15
+        # quantizes them for int4 too there, so its reloaded int4 layer's
+        # logits differ from the saved one's (Keras 3.16 does as ours).
         if config is not None:
             self.inputs_quantizer = config.activation_quantizer
         elif mode == "int8":

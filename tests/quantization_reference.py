@@ -31,6 +31,16 @@ def raw(variable):
     return np.array(ops.convert_to_numpy(variable))
 
 
+def comparable_dtype(variable):
+    """A variable's dtype, as compared with Keras's layer's. Keras 3.15 stores
+    an untied int4 table's reverse zero points as float32, as ours does (our
+    checkpoint format); later Keras as int8. Both hold the same integers in
+    [-8, 7], and each layer loads the other's (test_reversible_saving.py)."""
+    if variable.name == "reverse_embeddings_zero":
+        return "zero points"
+    return keras.backend.standardize_dtype(variable.dtype)
+
+
 def unpack_int4(packed, output_dim):
     """Low nibble first, two's complement in 4 bits."""
     packed = packed.astype(np.uint8)

@@ -477,6 +477,15 @@ def test_compiled_evaluate_raises_at_its_end_with_the_count():
     assert np.isfinite(model.evaluate(GOOD_IDS, TARGETS, verbose=0))
 
 
+@pytest.mark.skipif(COMPILED_BY_DEFAULT, reason="evaluate is compiled on TF and JAX")
+def test_eager_evaluate_raises_on_torch():
+    model, _ = fit_model()
+    model.compile(keras.optimizers.SGD(0.1), "mse")
+    with pytest.raises(InvalidIdError) as info:
+        model.evaluate(BAD_IDS, TARGETS, verbose=0)
+    assert_invalid_id_error(info.value, "tokens", "10", (0, 1), 10)
+
+
 @pytest.mark.skipif(not COMPILED_BY_DEFAULT, reason="predict is eager on torch")
 def test_a_count_left_by_predict_is_warned_at_the_next_evaluate():
     model, layer = fit_model()
