@@ -47,11 +47,10 @@ class TracedInvalidIds:
     def __init__(self, layer):
         self.layer = layer
         # A plain `keras.Variable` held outside the layer's tracker: it is
-        # state (`layer.variables`, so `stateless_call` carries it), not a
-        # weight (`layer.weights`, checkpoints and Keras's variable lists
-        # stay as they are).
-        # An initializer, not a value: a layer first built inside a
-        # stateless scope (a JAX trainer's) may only defer its variables.
+        # state (the layer adds it to `layer.variables`, so `stateless_call`
+        # carries it), not a weight (`layer.weights` and checkpoints stay
+        # Keras's). An initializer, not a value: a layer first built inside
+        # a stateless scope (a JAX trainer's) may only defer its variables.
         self.variable = keras.Variable(
             "zeros", shape=(), dtype="int32", trainable=False, name="traced_invalid_ids"
         )
