@@ -101,24 +101,30 @@ def _all_valid_on_host(ids, input_dim):
     return bool(_valid_on_host(ids, input_dim).all())
 
 
-def raise_first_invalid(ids, input_dim, layer_name):
-    """Raises `InvalidIdError` naming the first invalid entry of numpy `ids`."""
+def raise_first_invalid(ids, input_dim, layer_name, locate=None):
+    """Raises `InvalidIdError` naming the first invalid entry of numpy `ids`.
+
+    `locate` turns the entry's position (a tuple) into the words that name
+    it (a bag layer names the bag and the position in it); by default "at
+    position (i, j)".
+    """
     invalid = ~_valid_on_host(ids, input_dim)
     flat_index = int(np.argmax(invalid.reshape(-1)))
     position = tuple(int(i) for i in np.unravel_index(flat_index, ids.shape))
+    where = f"at position {position}" if locate is None else locate(position)
     # str() of the NumPy scalar: the shortest repr in the ids' own dtype
     # (a float32 1.7 prints as 1.7, not 1.7000000476837158).
     value = str(ids.reshape(-1)[flat_index])
     raise InvalidIdError(
-        f"Layer '{layer_name}' received an invalid id {value} at position "
-        f"{position}. Ids must be whole numbers in [0, {input_dim - 1}] "
+        f"Layer '{layer_name}' received an invalid id {value} {where}. "
+        f"Ids must be whole numbers in [0, {input_dim - 1}] "
         f"(input_dim={input_dim}). Fix the ids, or construct the layer with "
         "`invalid_ids='zeros'` to look up an all-zero vector for every "
         "invalid id."
     )
 
 
-def host_ids(ids, input_dim, layer_name, check):
+def host_ids(ids, input_dim, layer_name, check, locate=None):
     """Validates numpy ids on the host and returns integer ids.
 
     Converting numpy ids to a backend tensor can change them before any check
@@ -132,7 +138,7 @@ def host_ids(ids, input_dim, layer_name, check):
     if _all_valid_on_host(ids, input_dim):
         return ids.astype(index_dtype(input_dim), copy=False)
     if check:
-        raise_first_invalid(ids, input_dim, layer_name)
+        raise_first_invalid(ids, input_dim, layer_name, locate)
     valid = _valid_on_host(ids, input_dim)
     return np.where(valid, ids, -1).astype(index_dtype(input_dim))
 
@@ -162,7 +168,7 @@ def is_concrete(ids):
     return True
 
 
-def eager_check(ids, input_dim, layer_name):
+def eager_check(ids, input_dim, layer_name, locate=None):
     """Checks ids whose values can be read; tells whether the check ran.
 
     Returns True after checking concrete ids (raising `InvalidIdError` on the
@@ -177,7 +183,7 @@ def eager_check(ids, input_dim, layer_name):
         # (NotImplementedError) for symbolic tensors.
         return False
     if not _all_valid_on_host(values, input_dim):
-        raise_first_invalid(values, input_dim, layer_name)
+        raise_first_invalid(values, input_dim, layer_name, locate)
     return True
 
 

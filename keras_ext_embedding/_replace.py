@@ -15,12 +15,14 @@ compiled the model (traced functions, `_compiled_trainable_state`, PyTorch's
 """
 
 import contextlib
+import sys
 import warnings
 import weakref
 
 import keras
 
 from keras_ext_embedding.embedding import Embedding
+from keras_ext_embedding.embedding_bag import EmbeddingBag
 from keras_ext_embedding.reversible_embedding import ReversibleEmbedding
 
 # Keras's classes and ours: subclasses of Keras's that add nothing of their
@@ -57,7 +59,10 @@ def replace_embeddings(model, **overrides):
     `keras.layers.Embedding` becomes `keras_ext_embedding.Embedding` and
     `keras.layers.ReversibleEmbedding` (keras-hub's token embeddings, its
     `keras_hub.layers.ReversibleEmbedding` included) becomes
-    `keras_ext_embedding.ReversibleEmbedding`. Each replacement is our
+    `keras_ext_embedding.ReversibleEmbedding`, and keras-rs
+    `keras_rs.layers.EmbedReduce` becomes `keras_ext_embedding.EmbeddingBag`
+    (the same outputs, except that ours leaves padding out of each bag when
+    `mask_zero=True`, where EmbedReduce counts id 0). Each replacement is our
     class's `from_config` of the Keras layer's config (the same name,
     dimensions, `mask_zero`, tied or untied weights, `reverse_dtype`,
     `logit_soft_cap`, dtype policy, LoRA rank and alpha, quantization) with
@@ -152,9 +157,21 @@ def replace_embeddings(model, **overrides):
     return model
 
 
+def _replacements():
+    """REPLACEMENTS, with keras-rs `EmbedReduce` (a subclass of Keras's
+    Embedding with a call of its own) becoming our `EmbeddingBag` first when
+    keras-rs is imported: a model holding one has imported it. keras-rs is
+    not a dependency of this package."""
+    keras_rs_layers = getattr(sys.modules.get("keras_rs"), "layers", None)
+    embed_reduce = getattr(keras_rs_layers, "EmbedReduce", None)
+    if embed_reduce is None:
+        return REPLACEMENTS
+    return ((embed_reduce, EmbeddingBag), *REPLACEMENTS)
+
+
 def _replacement_class(layer):
     """Our class replacing `layer`, or None if it is not one of Keras's."""
-    for keras_class, ours in REPLACEMENTS:
+    for keras_class, ours in _replacements():
         if isinstance(layer, keras_class) and _adds_nothing(type(layer), keras_class):
             return ours
     return None
@@ -378,7 +395,7 @@ def _forget_traced_state(owners):
 
 def _nothing_to_replace(model, layers):
     """The warning for a model without a layer to replace."""
-    keras_classes = tuple(keras_class for keras_class, _ in REPLACEMENTS)
+    keras_classes = tuple(keras_class for keras_class, _ in _replacements())
     ours = [layer for layer in layers if isinstance(layer, Embedding)]
     changed = [
         layer

@@ -330,6 +330,7 @@ class Embedding(keras.layers.Layer):
                 self.input_dim,
                 self.name,
                 check=self.invalid_ids == "raise",
+                locate=self._host_locate(args, kwargs),
             )
         try:
             return super().__call__(inputs, *args, **kwargs)
@@ -818,19 +819,32 @@ class Embedding(keras.layers.Layer):
         self._table.assign_float(weights)
 
     def _lookup(self, ids, training=None):
+        outputs, valid = self._gather(ids, training)
+        if valid is not None:
+            outputs = _ids.zero_invalid_rows(outputs, valid)
+        return outputs
+
+    def _gather(self, ids, training=None, kept=None, locate=None):
+        """The rows of `ids` in the compute dtype, and the mask of valid ids
+        (None when every id is known to be valid). Invalid positions
+        (possible only when traced or with `invalid_ids="zeros"`) read row 0;
+        the caller zeroes or drops them.
+
+        `kept` (boolean, the shape of `ids`, or None) marks the positions
+        that count (a bag's padding and masked positions do not): only
+        those train a row-sparse table. `locate` names an invalid id's
+        position in the error (a bag and the position in it).
+        """
         dtype = _ids.check_ids_dtype(ids.dtype, self.input_dim, self.name)
         checked = self.invalid_ids == "raise" and _ids.eager_check(
-            ids, self.input_dim, self.name
+            ids, self.input_dim, self.name, locate
         )
-        # Checked ids are all valid; otherwise invalid positions (possible
-        # only when traced or with invalid_ids="zeros") read row 0 and are
-        # zeroed below.
         valid = None if checked else _ids.valid_mask(ids, dtype, self.input_dim)
         counter = self._traced_invalid_ids
         if valid is not None and counter is not None and self.invalid_ids == "raise":
             counter.add(valid, training)
         index = _ids.gather_index(ids, dtype, valid, self.input_dim)
-        touched = self._touched(index, valid)
+        touched = self._touched(index, valid, kept)
         reader = _runs.RowReader(training, ids, checked, self._reads_table_whole())
         table_training = self._row_sparse_step(self._table_training, training)
         if table_training is not None:
@@ -843,9 +857,12 @@ class Embedding(keras.layers.Layer):
             outputs = ops.add(outputs, delta)
         if self._lookup_dtype() != self.compute_dtype:
             outputs = ops.cast(outputs, self.compute_dtype)
-        if valid is not None:
-            outputs = _ids.zero_invalid_rows(outputs, valid)
-        return outputs
+        return outputs, valid
+
+    def _host_locate(self, args, kwargs):
+        """How an invalid NumPy id's position is named in the error, from the
+        call's other arguments (None: by its position in the ids)."""
+        return None
 
     def _reads_table_whole(self):
         """Whether a call other than the lookup reads the whole table (and
@@ -863,16 +880,16 @@ class Embedding(keras.layers.Layer):
             return None
         return state
 
-    def _touched(self, index, valid):
+    def _touched(self, index, valid, kept=None):
         """The positions whose ids a row-sparse step may move: valid ids that
-        are not masked padding (None: all of them)."""
+        are kept (by default, not masked padding); None: all of them."""
         if not self._trainings():
             return None
-        touched = valid
-        if self.mask_zero:
-            padding = ops.not_equal(index, 0)
-            touched = padding if touched is None else ops.logical_and(touched, padding)
-        return touched
+        if kept is None and self.mask_zero:
+            kept = ops.not_equal(index, 0)
+        if kept is None or valid is None:
+            return valid if kept is None else kept
+        return ops.logical_and(valid, kept)
 
     def _lookup_dtype(self):
         """The dtype of looked-up rows before the cast to the compute dtype."""
