@@ -729,3 +729,89 @@ def test_errors():
         replace_embeddings(keras.layers.Embedding(VOCAB, DIM))
     with pytest.raises(ValueError, match="is not built"):
         replace_embeddings(Recommender())
+
+
+# --- keras-rs EmbedReduce becomes our EmbeddingBag. ---
+
+BAG_IDS = np.array([[1, 2, 3, 5], [7, 7, 39, 4]], dtype="int32")
+BAG_WEIGHTS = np.array([[0.5, 1.0, 2.0, 1.5], [1.0, 3.0, 0.25, 2.0]], "float32")
+
+
+class BagRecommender(keras.Model):
+    """A subclassed model holding keras-rs bags in attributes and a dict."""
+
+    def __init__(self, **kwargs):
+        import keras_rs
+
+        super().__init__(**kwargs)
+        self.seen = keras_rs.layers.EmbedReduce(VOCAB, DIM, combiner="sum")
+        self.context = {"tags": keras_rs.layers.EmbedReduce(VOCAB, DIM)}
+        self.head = keras.layers.Dense(1)
+
+    def call(self, ids):
+        return self.head(
+            keras.ops.concatenate([self.seen(ids), self.context["tags"](ids)], -1)
+        )
+
+
+def embed_reduce_model(kind, combiner):
+    import keras_rs
+
+    if kind == "subclassed":
+        return BagRecommender()
+    layer = keras_rs.layers.EmbedReduce(VOCAB, DIM, combiner=combiner, name="bag")
+    if kind == "sequential":
+        return keras.Sequential(
+            [keras.Input((4,), dtype="int32"), layer, keras.layers.Dense(1)]
+        )
+    ids = keras.Input((4,), dtype="int32")
+    weights = keras.Input((4,))
+    return keras.Model([ids, weights], keras.layers.Dense(1)(layer(ids, weights)))
+
+
+@pytest.mark.parametrize(
+    ("kind", "combiner"),
+    [
+        ("functional", "mean"),
+        ("functional", "sqrtn"),
+        ("sequential", "sum"),
+        ("subclassed", None),
+    ],
+)
+def test_keras_rs_embed_reduce_becomes_embedding_bag(kind, combiner, rng):
+    from keras_ext_embedding import EmbeddingBag
+
+    model = embed_reduce_model(kind, combiner)
+    data = [BAG_IDS, BAG_WEIGHTS] if kind == "functional" else BAG_IDS
+    model(data)
+    randomize(model, rng)
+    before = np.asarray(model.predict(data, verbose=0))
+    paths = [v.path for v in model.weights]
+    assert replace_embeddings(model) is model
+    bags = [
+        layer
+        for layer in model._flatten_layers(include_self=False)
+        if "EmbedReduce" in type(layer).__name__ or isinstance(layer, EmbeddingBag)
+    ]
+    assert bags and all(type(layer) is EmbeddingBag for layer in bags)
+    if kind == "subclassed":
+        assert type(model.seen) is EmbeddingBag
+        assert type(model.context["tags"]) is EmbeddingBag
+        assert (model.seen.combiner, model.context["tags"].combiner) == (
+            "sum",
+            "mean",
+        )
+    else:
+        assert model.get_layer("bag").combiner == combiner
+    assert [v.path for v in model.weights] == paths
+    np.testing.assert_allclose(
+        np.asarray(model.predict(data, verbose=0)), before, rtol=1e-5, atol=1e-6
+    )
+    # The replacement trains, and checks ids as ours do.
+    model.compile(keras.optimizers.SGD(0.1), "mse")
+    model.fit(data, np.ones((2, 1)), verbose=0)
+    bad = BAG_IDS.copy()
+    bad[1, 2] = VOCAB
+    layer = bags[0]
+    with pytest.raises(InvalidIdError, match="in bag 1 at position 2"):
+        layer(bad)
