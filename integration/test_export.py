@@ -70,6 +70,24 @@ def test_language_model_head_artifact_gives_the_keras_logits(
     )
 
 
+@pytest.mark.parametrize("bag", ["bag_mean", "bag_max_int8"])
+@pytest.mark.parametrize(("backend", "fmt"), ARTIFACTS)
+def test_bag_artifact_gives_the_keras_outputs(exported, backend, fmt, bag):
+    """An EmbeddingBag model (padding left out; an int8 table with max)
+    exports and serves, invalid ids dropped from their bags as in Keras."""
+    root, served = exported
+    for ids in ("ids", "bad"):
+        outputs = served[f"{backend}/{bag}/{fmt}"][ids]
+        assert not isinstance(outputs, dict), (ids, outputs)
+        suffix = "" if ids == "ids" else "_bad"
+        np.testing.assert_allclose(
+            np.asarray(outputs),
+            np.load(root / backend / f"{bag}_keras{suffix}.npy"),
+            rtol=1e-5,
+            atol=1e-6,
+        )
+
+
 @pytest.mark.parametrize(("backend", "fmt"), ARTIFACTS)
 def test_invalid_ids_in_an_artifact_give_zero_rows(exported, backend, fmt):
     """A graph cannot raise: invalid ids get zero rows, as in a traced call,

@@ -13,8 +13,16 @@ from processes import SCRIPTS, needs, run_under
 
 pytestmark = needs("jax")  # keras.distribution covers JAX only
 
-CASES = ("float", "lora", "int8_lora", "reversible_untied", "reversible_lora")
-TRAINED_TABLE = ("float", "reversible_untied")
+CASES = (
+    "float",
+    "lora",
+    "int8_lora",
+    "reversible_untied",
+    "reversible_lora",
+    "bag_mean",
+    "bag_max_lora",
+)
+TRAINED_TABLE = ("float", "reversible_untied", "bag_mean")
 DISTRIBUTIONS = ("data_parallel", "model_parallel")
 TOLERANCE = 1e-5
 

@@ -190,10 +190,22 @@ def _sparse_bags(inputs, weights, padding, layer_name):
     num_bags = inputs.shape[0]
     if num_bags is None:
         num_bags = ops.cast(inputs.dense_shape[0], "int32")
-    bag_of = indices[:, 0]
-    # A JAX BCOO may carry padding entries whose index is out of bounds.
-    kept = ops.less(bag_of, num_bags)
-    bag_of = ops.where(kept, bag_of, 0)
+    if len(indices.shape) == 3:
+        # A JAX BCOO batched along its rows (`n_batch=1`, as Keras's data
+        # adapters slice one): `indices` `(batch, nse, 1)` holds each row's
+        # columns, `data` `(batch, nse)` its values; a padding entry's
+        # column is out of bounds.
+        columns = indices[..., 0]
+        kept = ops.reshape(ops.less(columns, inputs.shape[1]), (-1,))
+        rows = ops.arange(num_bags, dtype="int32")[:, None]
+        bag_of = ops.reshape(ops.broadcast_to(rows, ops.shape(columns)), (-1,))
+        values = ops.reshape(values, (-1,))
+        places = ops.reshape(columns, (-1,))
+    else:
+        bag_of, places = indices[:, 0], indices[:, 1]
+        # An unbatched BCOO may carry padding entries out of bounds too.
+        kept = ops.less(bag_of, num_bags)
+        bag_of = ops.where(kept, bag_of, 0)
     kept = both(kept, _padding_kept(values, padding))
     if weights is not None:
         if not hasattr(weights, "indices"):
@@ -202,12 +214,12 @@ def _sparse_bags(inputs, weights, padding, layer_name):
                 f"{type(weights).__name__}: weights come in the ids' form, a "
                 "sparse tensor with the same indices."
             )
-        weights = _sparse_values(weights)
+        weights = ops.reshape(_sparse_values(weights), (-1,))
         _check_same_shape(weights.shape, values.shape, "sparse ids' values", layer_name)
 
     def locate_on_host(position):
-        bag, place = _ids.read_on_host(indices)[position]
-        return int(bag), int(place)
+        bag = _ids.read_on_host(bag_of)[position]
+        return int(bag), int(_ids.read_on_host(places)[position])
 
     return FlatBags(values, bag_of, num_bags, weights, kept, locate_on_host)
 

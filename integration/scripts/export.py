@@ -10,7 +10,7 @@ from TensorFlow and JAX, and ONNX (`format="onnx"`) from all three backends,
 each for a layer with `invalid_ids="raise"` and one with `"zeros"`, and for
 language-model heads: a `ReversibleEmbedding` whose reverse projection gives
 the model's logits (float tied with a soft cap, int8 untied, int4 grouped
-with LoRA).
+with LoRA), and bag models (`EmbeddingBag`, mean and int8 max).
 The exporting process writes the Keras model's own outputs beside them.
 """
 
@@ -48,6 +48,33 @@ LM_HEADS = {
     "lm_int4_partials": ({}, ("int4", 16), None),
     "lm_int4_per_row_untied": ({"tie_weights": False}, ("int4", -1), None),
 }
+
+
+# Bag models: EmbeddingBag (padding 0 left out) -> Dense. name: (combiner,
+# quantization mode).
+BAGS = {"bag_mean": ("mean", None), "bag_max_int8": ("max", "int8")}
+
+
+def bag_model(name):
+    import keras
+
+    from keras_ext_embedding import EmbeddingBag
+
+    combiner, mode = BAGS[name]
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((IDS.shape[1],), dtype="int32", name="ids")
+    layer = EmbeddingBag(
+        VOCAB,
+        DIM,
+        combiner=combiner,
+        mask_zero=True,
+        invalid_ids="zeros",
+        name="bag",
+    )
+    model = keras.Model(inputs, keras.layers.Dense(2, name="head")(layer(inputs)))
+    if mode:
+        layer.quantize(mode)
+    return model
 
 
 def lm_head(name):
@@ -110,6 +137,14 @@ def export(root):
         for fmt in FORMATS[backend]:
             suffix = ".onnx" if fmt == "onnx" else ""
             model.export(str(out / f"{mode}_{fmt}{suffix}"), format=fmt, verbose=False)
+    for name in BAGS:
+        model = bag_model(name)
+        np.save(out / f"{name}_keras.npy", model.predict(IDS, verbose=0))
+        np.save(out / f"{name}_keras_bad.npy", model.predict(BAD, verbose=0))
+        model(IDS)
+        for fmt in FORMATS[backend]:
+            suffix = ".onnx" if fmt == "onnx" else ""
+            model.export(str(out / f"{name}_{fmt}{suffix}"), format=fmt, verbose=False)
     for name in LM_HEADS:
         model = lm_head(name)
         np.save(out / f"{name}_keras.npy", model.predict(IDS, verbose=0))
@@ -145,6 +180,14 @@ def serve(root, *backends):
                 suffix = ".onnx" if fmt == "onnx" else ""
                 path = root / backend / f"{mode}_{fmt}{suffix}"
                 report[f"{backend}/{mode}/{fmt}"] = {
+                    "ids": run_artifact(path, IDS),
+                    "bad": run_artifact(path, BAD),
+                }
+        for name in BAGS:
+            for fmt in FORMATS[backend]:
+                suffix = ".onnx" if fmt == "onnx" else ""
+                path = root / backend / f"{name}_{fmt}{suffix}"
+                report[f"{backend}/{name}/{fmt}"] = {
                     "ids": run_artifact(path, IDS),
                     "bad": run_artifact(path, BAD),
                 }

@@ -26,7 +26,12 @@ import jax
 import keras
 import numpy as np
 
-from keras_ext_embedding import Embedding, ReversibleEmbedding, shard_embeddings
+from keras_ext_embedding import (
+    Embedding,
+    EmbeddingBag,
+    ReversibleEmbedding,
+    shard_embeddings,
+)
 
 VOCAB, DIM, LENGTH, BATCH, STEPS = 64, 16, 6, 16, 4
 CASES = {
@@ -35,6 +40,9 @@ CASES = {
     "int8_lora": {"quantize": "int8", "lora_rank": 4},
     "reversible_untied": {"reversible": True, "tie_weights": False},
     "reversible_lora": {"reversible": True, "lora_rank": 4},
+    # Bags of the ids (padding 0 left out), pooled in the sharded lookup.
+    "bag_mean": {"bag": "mean"},
+    "bag_max_lora": {"bag": "max", "lora_rank": 4},
 }
 
 
@@ -51,7 +59,13 @@ def make_model(case):
     mode = kwargs.pop("quantize", None)
     lora_rank = kwargs.pop("lora_rank", None)
     inputs = keras.Input((LENGTH,), dtype="int32")
-    if kwargs.pop("reversible", False):
+    combiner = kwargs.pop("bag", None)
+    if combiner is not None:
+        layer = EmbeddingBag(
+            VOCAB, DIM, combiner=combiner, mask_zero=True, name="tokens"
+        )
+        outputs = keras.layers.Dense(4, name="head")(layer(inputs))
+    elif kwargs.pop("reversible", False):
         # The logits of the last position, projected by the same layer.
         layer = ReversibleEmbedding(VOCAB, DIM, name="tokens", **kwargs)
         x = keras.layers.Dense(DIM, name="hidden")(layer(inputs))
@@ -96,18 +110,23 @@ def run(case, distribution):
             for v in model.weights
             if v.path.startswith("tokens/")
         }
-        # A lookup with an invalid id, traced: zeros, also when sharded.
+        # A lookup with an invalid id, traced: zeros, also when sharded (a
+        # bag drops the id: its vector is the bag's without it, whose
+        # difference is reported).
         bad = ids[:BATCH].copy()
         bad[0, 0] = VOCAB
-        rows = np.asarray(
-            jax.jit(
-                lambda t, n, x: model.get_layer("tokens").stateless_call(t, n, x)[0]
-            )(
-                [v.value for v in model.get_layer("tokens").trainable_variables],
-                [v.value for v in model.get_layer("tokens").non_trainable_variables],
-                bad,
-            )
+        layer = model.get_layer("tokens")
+        lookup = jax.jit(lambda t, n, x: layer.stateless_call(t, n, x)[0])
+        state = (
+            [v.value for v in layer.trainable_variables],
+            [v.value for v in layer.non_trainable_variables],
         )
+        rows = np.asarray(lookup(*state, bad))
+        if "bag" in CASES[case]:
+            without = bad.copy()
+            without[0, 0] = 0  # the padding id
+            rows = rows - np.asarray(lookup(*state, without))
+            rows = rows[:, None]
         trained = sorted(
             k for k in weights if not np.array_equal(weights[k], initial[k])
         )
