@@ -167,6 +167,7 @@ def _ragged_bags(inputs, weights, padding, layer_name):
                 f"type {type(weights).__name__}: weights come in the ids' "
                 "form, a ragged tensor with the same row lengths."
             )
+        _check_same_layout(inputs.row_splits, weights.row_splits, layer_name)
         weights = weights.flat_values
     return _flat_bags(
         inputs.flat_values,
@@ -214,6 +215,7 @@ def _sparse_bags(inputs, weights, padding, layer_name):
                 f"{type(weights).__name__}: weights come in the ids' form, a "
                 "sparse tensor with the same indices."
             )
+        _check_same_layout(inputs.indices, weights.indices, layer_name)
         weights = ops.reshape(_sparse_values(weights), (-1,))
         _check_same_shape(weights.shape, values.shape, "sparse ids' values", layer_name)
 
@@ -284,6 +286,24 @@ def _check_layout_on_host(ids, lengths, offsets, layer_name):
             "from 0, and the number of ids last (CSR, as torch.nn.EmbeddingBag "
             "with include_last_offset=True). For torch's offsets without the "
             "last entry, append the number of ids."
+        )
+
+
+def _check_same_layout(ids_layout, weights_layout, layer_name):
+    """Eagerly, ragged or sparse weights must place their values where the
+    ids are (the same row splits, or indices): weights laid out otherwise
+    would be paired with other ids."""
+    try:
+        ids_layout = _ids.read_on_host(ids_layout)
+        weights_layout = _ids.read_on_host(weights_layout)
+    except (TypeError, RuntimeError):
+        return  # traced: the layout cannot be read
+    if ids_layout.shape != weights_layout.shape or (ids_layout != weights_layout).any():
+        raise ValueError(
+            f"Layer '{layer_name}' received weights laid out differently from "
+            "the ids (other row lengths, or other sparse indices): each "
+            "weight must sit where its id is. Build the weights with the "
+            "ids' layout, e.g. `ids.with_flat_values(values)` for ragged ids."
         )
 
 

@@ -67,8 +67,9 @@ class DenseBags:
     def pool(self, rows, kept, combiner):
         """Pools `rows` `(..., length, dim)` into `(..., dim)`; `kept` marks
         the positions that count (None: all of them)."""
-        if rows.shape[-2] == 0:
-            # No position at all: every bag is empty.
+        if 0 in rows.shape[:-1]:
+            # No position at all (every bag empty), or no bag: nothing to
+            # reduce (a max over nothing is refused by some backends).
             return ops.zeros((*ops.shape(rows)[:-2], rows.shape[-1]), rows.dtype)
         return _pool(
             rows,
@@ -104,6 +105,9 @@ class FlatBags:
     def pool(self, rows, kept, combiner):
         """Pools `rows` `(n, dim)` into `(num_bags, dim)`."""
         bag_of, num_bags = self.bag_of, self.num_bags
+        if isinstance(num_bags, int) and num_bags == 0:
+            # No bag (PyTorch's segment sum reads 0 segments as "unknown").
+            return ops.zeros((0, rows.shape[-1]), rows.dtype)
         return _pool(
             rows,
             _column(self.weights, rows.dtype),
@@ -148,13 +152,15 @@ def _pool(rows, weights, kept, combiner, total, largest, size):
     elif combiner == "mean":
         divisor = total(weights)
     else:
-        divisor = ops.sqrt(total(ops.square(weights)))
+        divisor = total(ops.square(weights))
     # sum(w) = 0 (an empty bag, or weights that cancel) gives zeros: the
-    # divisor is swapped for 1 before dividing, so no NaN reaches the
-    # gradient either.
+    # divisor is swapped for 1 first (before the square root of sqrtn, whose
+    # derivative at 0 is infinite), so no NaN reaches the gradient either.
     nonzero = ops.not_equal(divisor, 0)
-    quotient = ops.divide(summed, ops.where(nonzero, divisor, 1))
-    return ops.where(nonzero, quotient, 0)
+    divisor = ops.where(nonzero, divisor, 1)
+    if combiner == "sqrtn" and weights is not None:
+        divisor = ops.sqrt(divisor)
+    return ops.where(nonzero, ops.divide(summed, divisor), 0)
 
 
 def _extreme(weighted, kept, combiner, total, largest, size):

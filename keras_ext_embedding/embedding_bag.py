@@ -132,7 +132,8 @@ class EmbeddingBag(Embedding):
         )
         _bag_inputs.check_padding_id(padding_id, mask_zero, input_dim)
         self.combiner = combiner
-        self.padding_id = padding_id
+        # A plain int: NumPy integers would not serialize.
+        self.padding_id = None if padding_id is None else int(padding_id)
         # The layer consumes a mask from upstream and pools it away.
         self.supports_masking = True
 
@@ -144,7 +145,11 @@ class EmbeddingBag(Embedding):
         offsets=None,
         mask=None,
         training=None,
+        inputs_mask=None,
     ):
+        # Keras passes the ids' mask from upstream as `mask`, or, when the
+        # call has another tensor argument (`weights`), as `inputs_mask`.
+        mask = inputs_mask if mask is None else mask
         bags = _bag_inputs.bags(
             inputs, weights, lengths, offsets, mask, self._padding(), self.name
         )
@@ -167,7 +172,13 @@ class EmbeddingBag(Embedding):
         return (*input_shape[:-1], self.output_dim)
 
     def compute_output_spec(
-        self, inputs, weights=None, lengths=None, offsets=None, mask=None
+        self,
+        inputs,
+        weights=None,
+        lengths=None,
+        offsets=None,
+        mask=None,
+        inputs_mask=None,
     ):
         if lengths is not None:
             shape = (lengths.shape[0], self.output_dim)

@@ -102,7 +102,7 @@ class SharedEmbedding(Embedding):
         )
         _bag_inputs.check_padding_id(padding_id, mask_zero, input_dim)
         self.features = dict(features)
-        self.padding_id = padding_id
+        self.padding_id = None if padding_id is None else int(padding_id)
         self.supports_masking = True
 
     def __call__(self, inputs, *args, **kwargs):
