@@ -126,7 +126,11 @@ class SharedEmbedding(Embedding):
         offsets=None,
         mask=None,
         training=None,
+        inputs_mask=None,
     ):
+        # Keras passes the masks of the ids as `inputs_mask` when the call
+        # has another tensor argument (`weights`), else as `mask`.
+        mask = inputs_mask if mask is None else mask
         self._check_names(inputs, "inputs")
         extras = {"weights": weights, "lengths": lengths, "offsets": offsets}
         for argument, values in extras.items():
@@ -192,7 +196,13 @@ class SharedEmbedding(Embedding):
         }
 
     def compute_output_spec(
-        self, inputs, weights=None, lengths=None, offsets=None, mask=None
+        self,
+        inputs,
+        weights=None,
+        lengths=None,
+        offsets=None,
+        mask=None,
+        inputs_mask=None,
     ):
         outputs = {}
         for name, combiner in self.features.items():

@@ -273,3 +273,34 @@ def test_quantize_refuses_subclasses_as_keras_does():
         layer.quantize("int8")
     layer.quantize("int8", type_check=False)
     assert layer.quantization_mode == "int8"
+
+
+class UpstreamMask(keras.layers.Layer):
+    """Passes ids on with a mask: ids below 15 count."""
+
+    def call(self, ids):
+        return ids
+
+    def compute_mask(self, ids, mask=None):
+        return ops.less(ids, 15)
+
+
+def test_masks_from_upstream_reach_each_feature_with_and_without_weights(table):
+    history = keras.Input((3,), dtype="int32", name="history")
+    candidate = keras.Input((1,), dtype="int32", name="candidate")
+    weights = keras.Input((3,), name="weights")
+    layer = SharedEmbedding(
+        VOCAB, DIM, features={"history": "sum", "candidate": None}, weights=table
+    )
+    masked = {"history": UpstreamMask()(history), "candidate": candidate}
+    for extra in ({}, {"weights": {"history": weights}}):
+        outputs = layer(masked, **extra)
+        model = keras.Model([history, candidate, weights], outputs["history"])
+        ids = np.array([[1, 16, 2], [17, 18, 19]], "int32")
+        w = np.array([[1.0, 2.0, 3.0], [1.0, 1.0, 1.0]], "float32")
+        got = model.predict([ids, np.array([[1], [2]], "int32"), w], verbose=0)
+        scale = w if extra else np.ones_like(w)
+        expected = np.stack(
+            [scale[0, 0] * table[1] + scale[0, 2] * table[2], np.zeros(DIM)]
+        )
+        np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
