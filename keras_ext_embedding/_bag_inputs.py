@@ -126,23 +126,37 @@ def _flat_bags(inputs, weights, lengths, offsets, mask, padding, layer_name):
     else:
         offsets = ops.cast(ops.convert_to_tensor(offsets), "int32")
         _check_rank_one(offsets, "offsets", layer_name)
-    _check_layout_on_host(ids, lengths, offsets, layer_name)
-    num_bags = ops.shape(offsets)[0] - 1
-    count = ops.shape(ids)[0]
-    positions = ops.arange(count, dtype="int32")
-    # The bag of each position: how many bags end at or before it.
-    bag_of = ops.searchsorted(offsets[1:], positions, side="right")
-    bag_of = ops.cast(bag_of, "int32")
-    # Positions past the last offset (possible only for traced layouts, the
-    # eager ones are checked) belong to no bag.
-    kept = ops.less(positions, offsets[-1])
-    bag_of = ops.where(kept, bag_of, 0)
-    kept = both(kept, _padding_kept(ids, padding))
-    if mask is not None:
-        kept = ops.logical_and(kept, ops.cast(mask, "bool"))
+    host_offsets = _check_layout_on_host(ids, lengths, offsets, layer_name)
     if weights is not None:
         weights = ops.convert_to_tensor(weights)
         _check_same_shape(weights.shape, ids.shape, "flat ids", layer_name)
+    if mask is not None:
+        mask = ops.cast(mask, "bool")
+    if host_offsets is not None:
+        dense = _dense_from_flat(ids, weights, mask, host_offsets, padding)
+        if dense is not None:
+            return dense
+    num_bags = ops.shape(offsets)[0] - 1
+    count = ops.shape(ids)[0]
+    # The bag of each position: how many bags end at or before it, a
+    # cumulative count of the bags' ends. (`ops.searchsorted` of the
+    # positions in the ends says the same, but costs 100x more under XLA:
+    # 36 ms against 0.4 ms for 26,875 ids in 1,024 bags.)
+    ends = ops.clip(offsets[1:], 0, count)
+    marks = ops.scatter_update(
+        ops.zeros((count + 1,), "int32"),
+        ops.expand_dims(ends, -1),
+        ops.ones_like(ends),
+        reduction="add",
+    )
+    bag_of = ops.cumsum(marks[:-1])
+    # Positions past the last offset (possible only for traced layouts, the
+    # eager ones are checked) belong to no bag.
+    positions = ops.arange(count, dtype="int32")
+    kept = ops.less(positions, offsets[-1])
+    bag_of = ops.where(kept, bag_of, 0)
+    kept = both(kept, _padding_kept(ids, padding))
+    kept = both(kept, mask)
     return FlatBags(
         ids,
         bag_of,
@@ -151,6 +165,38 @@ def _flat_bags(inputs, weights, lengths, offsets, mask, padding, layer_name):
         kept,
         lambda position: _flat_place(position, None, offsets),
     )
+
+
+# Flat bags whose layout is read on the host (eager calls) are laid out as
+# dense bags `(batch, longest)` when that at most doubles the positions: a
+# dense pool is one reduction, fused with the gather, where segment sums
+# scatter (Keras's PyTorch segment_sum, 24 ms for 26,875 ids of dim 64,
+# against 5 ms for the padded take and sum).
+DENSE_LAYOUT_GROWTH = 2
+
+
+def _dense_from_flat(ids, weights, mask, offsets, padding):
+    """`DenseBags` holding the flat bags of host `offsets`, or None when the
+    padding would more than double the positions."""
+    lengths = np.diff(offsets)
+    count = int(offsets[-1])
+    if count == 0:
+        return None
+    longest = int(lengths.max())
+    if len(lengths) * longest > DENSE_LAYOUT_GROWTH * count:
+        return None
+    places = np.arange(longest)
+    present = places[None, :] < lengths[:, None]
+    positions = np.where(present, offsets[:-1, None] + places[None, :], 0)
+    positions = ops.convert_to_tensor(positions.astype("int32"))
+    kept = ops.convert_to_tensor(present)
+    dense_ids = ops.take(ids, positions)
+    kept = both(kept, _padding_kept(dense_ids, padding))
+    if mask is not None:
+        kept = both(kept, ops.take(mask, positions))
+    if weights is not None:
+        weights = ops.take(weights, positions)
+    return DenseBags(dense_ids, weights, kept)
 
 
 def _ragged_bags(inputs, weights, padding, layer_name):
@@ -250,13 +296,13 @@ def _flat_place(position, lengths, offsets):
 def _check_layout_on_host(ids, lengths, offsets, layer_name):
     """Eagerly, `lengths` must be nonnegative and `offsets` nondecreasing,
     from 0 to the number of ids: a mismatch would move ids between bags or
-    drop them. Traced layouts cannot be read; their uncovered ids are
-    dropped."""
+    drop them. Returns the offsets read on the host, or None for a traced
+    layout, which cannot be read (its uncovered ids are dropped)."""
     try:
-        offsets_on_host = _ids.read_on_host(offsets)
+        offsets_on_host = np.asarray(_ids.read_on_host(offsets))
         count = _ids.read_on_host(ops.shape(ids)[0])
     except (TypeError, RuntimeError):
-        return
+        return None
     count = int(count)
     if lengths is not None:
         lengths_on_host = _ids.read_on_host(lengths)
@@ -272,7 +318,7 @@ def _check_layout_on_host(ids, lengths, offsets, layer_name):
                 f"{int(offsets_on_host[-1])} for {count} flat ids. The lengths "
                 "must add up to the number of ids."
             )
-        return
+        return offsets_on_host
     if (
         offsets_on_host.shape[0] == 0
         or int(offsets_on_host[0]) != 0
@@ -287,6 +333,7 @@ def _check_layout_on_host(ids, lengths, offsets, layer_name):
             "with include_last_offset=True). For torch's offsets without the "
             "last entry, append the number of ids."
         )
+    return offsets_on_host
 
 
 def _check_same_layout(ids_layout, weights_layout, layer_name):

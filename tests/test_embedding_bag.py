@@ -1482,3 +1482,19 @@ def test_fit_on_bcoo_batches_sliced_by_keras():
     model.fit(sparse.BCOO.fromdense(ids), np.ones((3, D)), batch_size=2, verbose=0)
     moved = np.abs(to_numpy(layer.embeddings) - random_table()).sum(1) > 0
     np.testing.assert_array_equal(np.flatnonzero(moved), [1, 2, 3, 5, 7])
+
+
+@pytest.mark.parametrize("combiner", COMBINERS)
+def test_flat_bags_of_skewed_lengths(combiner):
+    """Eager flat bags are pooled as dense bags when padding them at most
+    doubles the positions, else by segments: both give the reference."""
+    layer = make_layer(combiner, "mask_zero")
+    table = reference_table(layer)
+    rng = np.random.default_rng(3)
+    for lengths in ([2, 3, 1, 2], [1, 0, 0, 12, 1]):  # dense, then segments
+        bags = [list(rng.integers(0, V, size=n)) for n in lengths]
+        weights = [list(rng.uniform(0.5, 2.0, size=n)) for n in lengths]
+        flat = np.concatenate(bags).astype("int32")
+        flat_weights = np.concatenate(weights).astype("float32")
+        out = layer(flat, flat_weights, lengths=np.array(lengths, "int32"))
+        assert_pooled(out, reference(table, bags, weights, combiner, padding=0))
