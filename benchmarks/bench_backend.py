@@ -11,12 +11,14 @@ the result is one JSON object on the last line of stdout.
     KERAS_BACKEND=torch python benchmarks/bench_backend.py --quick --sections training
     KERAS_BACKEND=torch python benchmarks/bench_backend.py --memory int4:ours
     KERAS_BACKEND=jax python benchmarks/bench_backend.py --reverse-memory int8:keras
+    KERAS_BACKEND=torch python benchmarks/bench_backend.py --bags-memory int4,native
 
 `--memory CONFIG:IMPL,...` measures instead the table bytes and the peak
 resident memory of one forward pass (see peak_memory.py), for each listed
 configuration and implementation (`ours` or `keras`) in turn;
 `--reverse-memory FORMAT:IMPL,...` those of one reverse projection of a
-ReversibleEmbedding (see reverse_projection.py).
+ReversibleEmbedding (see reverse_projection.py); `--bags-memory CONFIG,...`
+those of one forward pass of a bag layer (see bags.py).
 """
 
 import argparse
@@ -26,6 +28,7 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+import bags
 import keras
 import native_floor
 import peak_memory
@@ -33,7 +36,7 @@ import quantized
 import reverse_projection
 import training
 import vocab_scaling
-from plan import SECTIONS, plan
+from plan import BAGS_MEMORY_CONFIGS, BAGS_NATIVE_BACKEND, SECTIONS, plan
 from timing import BACKEND, SEED
 
 # "memory" in --sections: every configuration in turn, in this process.
@@ -96,6 +99,21 @@ def measure_sections(args):
                 training.LOOKUP_TIMES,
             ),
         )
+    if "bags" in sections:
+        forward = result["bags"] = []
+        steps = result["bags_training"] = []
+        bags.bench(
+            current,
+            args.quick,
+            collector(
+                forward, "bags {input_dim:,} rows {mode}".format_map, bags.callables()
+            ),
+            collector(
+                steps,
+                "bags training {input_dim:,} rows {mode}".format_map,
+                bags.train_variants(),
+            ),
+        )
     if "reverse_projection" in sections:
         rows = result["reverse_projection"] = []
         describe = "reverse {format} {input_dim:,} rows {hidden} {mode}".format_map
@@ -115,6 +133,8 @@ def measure_sections(args):
         result["reverse_memory"] = reverse_memory(
             current, reverse_projection.MEMORY_MEASUREMENTS, args.quick
         )
+    if "bags" in sections and current["memory_in_timing_process"]:
+        result["bags_memory"] = bags_memory(current, bags_memory_configs())
     result["speed"] = [
         *native_floor.lookup_rows(current, result.get("native_floor", [])),
         *result.pop("quantized", []),
@@ -164,6 +184,30 @@ def reverse_memory(current, measurements, quick):
     return entries
 
 
+def bags_memory_configs():
+    """The bags section's memory configurations this backend measures."""
+    return [
+        config
+        for config, _ in BAGS_MEMORY_CONFIGS
+        if config != "native" or BACKEND == BAGS_NATIVE_BACKEND
+    ]
+
+
+def bags_memory(current, configs):
+    """`bags.measure_memory` of each configuration in turn."""
+    entries = []
+    for config in configs:
+        entry = bags.measure_memory(
+            config, current["bags_size"], current["memory_settle_polls"]
+        )
+        progress(
+            f"bags memory {config}: table {entry['table_bytes'] / 2**20:.1f} MiB, "
+            f"peak +{entry['peak_increase_mb']:.1f} MiB"
+        )
+        entries.append(entry)
+    return entries
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run sizes")
@@ -184,6 +228,13 @@ def main():
         help="measure the peak memory of a reverse projection instead, e.g. "
         "int8:ours; formats: " + ", ".join(reverse_projection.FORMATS),
     )
+    parser.add_argument(
+        "--bags-memory",
+        metavar="CONFIG,...",
+        help="measure the peak memory of a bag layer's forward pass instead, "
+        "e.g. int4,native; configs: "
+        + ", ".join(config for config, _ in BAGS_MEMORY_CONFIGS),
+    )
     args = parser.parse_args()
     keras.utils.set_random_seed(SEED)
     if args.memory:
@@ -194,6 +245,9 @@ def main():
         measurements = [m.split(":") for m in args.reverse_memory.split(",")]
         entries = reverse_memory(plan(args.quick), measurements, args.quick)
         result = {"backend": BACKEND, "reverse_memory": entries}
+    elif args.bags_memory:
+        entries = bags_memory(plan(args.quick), args.bags_memory.split(","))
+        result = {"backend": BACKEND, "bags_memory": entries}
     else:
         result = measure_sections(args)
     print(json.dumps(result))

@@ -1,6 +1,11 @@
 """Names the report and the plots show for backends, modes and configurations."""
 
-from plan import DECODING_FORMATS, MEMORY_CONFIGS, REVERSE_FORMATS
+from plan import (
+    BAGS_MEMORY_CONFIGS,
+    DECODING_FORMATS,
+    MEMORY_CONFIGS,
+    REVERSE_FORMATS,
+)
 
 BACKEND_TITLES = {"tensorflow": "TensorFlow", "jax": "JAX", "torch": "PyTorch"}
 
@@ -55,6 +60,34 @@ TRAINING_COLUMNS = {
     "lora_adam": "LoRA 'adam'",
     "native": "torch SparseAdam",
 }
+# The bags section's forward passes (bags.CALLABLES), for table headers.
+BAGS_COLUMNS = {
+    "ours": "ours dense",
+    "ours_flat": "ours flat",
+    "embed_reduce": "EmbedReduce",
+    "embedding_pool": "Embedding + pool",
+    "take_mean": "take + mean",
+    "segment_mean": "take + segment_sum",
+    "native": "torch EmbeddingBag",
+}
+# Its ratios (bags.FORWARD_TARGETS and FORWARD_RATIOS).
+BAGS_RATIO_COLUMNS = {
+    "ours_over_hand_written": "ours / hand-written",
+    "ours_flat_over_hand_written": "ours flat / hand-written",
+    "ours_over_embed_reduce": "ours / EmbedReduce",
+    "ours_flat_over_embed_reduce": "ours flat / EmbedReduce",
+    "embedding_pool_over_hand_written": "Embedding + pool / hand-written",
+    "ours_over_native": "ours / torch",
+    "ours_flat_over_native": "ours flat / torch",
+}
+# Its training variants (bags.TRAIN_VARIANTS).
+BAGS_TRAIN_COLUMNS = {
+    "ours": "ours Adam",
+    "ours_adam": "ours 'adam'",
+    "embed_reduce": "EmbedReduce Adam",
+    "native": "torch SparseAdam",
+}
+BAGS_MEMORY_LABELS = dict(BAGS_MEMORY_CONFIGS)
 # The layers of the lookup-after-training part (its models train with SGD).
 LOOKUP_LAYER_LABELS = {
     "keras": "keras.layers.Embedding",

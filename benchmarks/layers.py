@@ -79,7 +79,8 @@ def variable_bytes(layer):
 
 
 def compiled_forwards(layer, torch_compile=False):
-    """`{mode: callable(ids)}` of the compiled forward passes of a layer.
+    """`{mode: callable(ids)}` of the compiled forward passes of a layer (the
+    call's other arguments, such as a bag layer's `lengths`, pass through).
 
     On PyTorch only with `torch_compile`: on CPU each first call compiles
     for seconds, and Keras itself does not compile on PyTorch by default.
@@ -95,13 +96,13 @@ def compiled_forwards(layer, torch_compile=False):
         import jax
 
         @jax.jit
-        def forward(trainable, non_trainable, ids):
-            return layer.stateless_call(trainable, non_trainable, ids)[0]
+        def forward(trainable, non_trainable, *args, **kwargs):
+            return layer.stateless_call(trainable, non_trainable, *args, **kwargs)[0]
 
-        def call(ids):
+        def call(*args, **kwargs):
             trainable = [v.value for v in layer.trainable_variables]
             non_trainable = [v.value for v in layer.non_trainable_variables]
-            return forward(trainable, non_trainable, ids)
+            return forward(trainable, non_trainable, *args, **kwargs)
 
         return {"jax.jit": call}
     if torch_compile:

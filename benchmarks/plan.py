@@ -19,6 +19,7 @@ SECTIONS = (
     "quantized",
     "vocab_scaling",
     "training",
+    "bags",
     "reverse_projection",
     "memory",
 )
@@ -33,6 +34,31 @@ MEMORY_CONFIGS = (
     ("float32_lora", "float32 + LoRA"),
     ("int4_lora", "int4 + LoRA"),
 )
+
+# The bags section: a DLRM-like batch of `BAGS_BATCH` bags of 1 to
+# `BAGS_MAX_LENGTH` ids (padded with id 0 to `(BAGS_BATCH, BAGS_MAX_LENGTH)`,
+# or flat with their lengths), pooled by `combiner="mean"` into vectors of
+# `BAGS_OUTPUT_DIM`; LoRA is rank `BAGS_LORA_RANK`. See bags.py.
+BAGS_BATCH = 1024
+BAGS_MAX_LENGTH = 50
+BAGS_OUTPUT_DIM = 64
+BAGS_LORA_RANK = 4
+# Peak-memory configurations of the bags section: (name, label). "native"
+# (torch.nn.EmbeddingBag) is measured on PyTorch only; the layer or function
+# each one builds is in bags.py.
+BAGS_MEMORY_CONFIGS = (
+    ("float32", "ours, float32, dense ids"),
+    ("float32_flat", "ours, float32, flat ids + lengths"),
+    ("int8", "ours, int8"),
+    ("int4", "ours, int4 (groups of 128)"),
+    ("float32_lora", "ours, float32 + LoRA 4"),
+    ("embedding_pool", "ours Embedding + pooling by hand"),
+    ("embed_reduce", "keras-rs EmbedReduce"),
+    ("take_mean", "keras.ops: take + masked mean"),
+    ("segment_mean", "keras.ops: take + segment_sum"),
+    ("native", "torch.nn.EmbeddingBag"),
+)
+BAGS_NATIVE_BACKEND = "torch"
 
 # The reverse projection of a tied `ReversibleEmbedding` (`layer(h,
 # reverse=True)`: logits over the vocabulary) of `output_dim=512`, on hidden
@@ -102,6 +128,16 @@ FULL = {
     # and an eager call, Keras's layer, ours dense and ours optimizer="sgd".
     "after_training_size": 1_000_000,
     "after_training_reps": 10,
+    # Bags of ids (see BAGS_BATCH): forward passes and training steps of
+    # EmbeddingBag and its peers at this vocabulary, and the peak memory of
+    # one forward pass of each (one fresh process per backend and
+    # configuration, as `memory`). A forward pass takes milliseconds; a
+    # dense Adam step of a 1M x 64 table (and its moments) a few hundred
+    # (PyTorch: about a second).
+    "bags_size": 1_000_000,
+    "bags_forward_reps": 50,
+    "bags_warmup": 3,
+    "bags_train_reps": 10,
     # Peak memory of one forward pass: one fresh process per backend,
     # configuration and layer.
     "memory_size": 1_000_000,
@@ -159,6 +195,12 @@ QUICK = {
     "training_alone_from": 1_000,
     "training_case_size": 1_000,
     "bandwidth_bytes": 16 * 2**20,
+    # Every callable and mode compiles its own program, every train step
+    # its own (TensorFlow: twice): one small vocabulary, few repetitions.
+    "bags_size": 10_000,
+    "bags_forward_reps": 3,
+    "bags_warmup": 1,
+    "bags_train_reps": 2,
     "after_training_size": 5_000,
     "after_training_reps": 2,
     # The timing process measures every configuration in turn at the end:

@@ -9,6 +9,10 @@ beside the page): MkDocs's strict mode rejects links outside `docs/`.
 
 from labels import (
     BACKEND_TITLES,
+    BAGS_COLUMNS,
+    BAGS_MEMORY_LABELS,
+    BAGS_RATIO_COLUMNS,
+    BAGS_TRAIN_COLUMNS,
     DECODING_LABELS,
     LOOKUP_CALL_LABELS,
     LOOKUP_LAYER_LABELS,
@@ -149,11 +153,41 @@ def headline_section(data):
                 lambda b: compiled_all(b.get("training_speedup", {})),
             )
         )
+    bags_size = summary.get("bags_input_dim")
+    if bags_size:
+        bags = f"bags (1,024 bags of 1 to 50 ids), {bags_size:,} rows"
+
+        def bags_cell(field):
+            def cell(entry):
+                return compiled_all(entry.get("bags", {}).get(field, {}))
+
+            return cell
+
+        rows += [
+            line(
+                f"{bags}, forward, every mode: ours / best hand-written keras.ops",
+                bags_cell("over_hand_written"),
+            ),
+            line(
+                f"{bags}, forward, every mode: ours / keras-rs EmbedReduce",
+                bags_cell("over_embed_reduce"),
+            ),
+            line(
+                f"{bags}, training step: EmbedReduce dense Adam time / ours "
+                "`optimizer='adam'`",
+                bags_cell("train_speedup"),
+            ),
+        ]
     training_note = ""
     if training_size:
         training_note = """ The training row is one `train_on_batch` of
 `Embedding -> GlobalAveragePooling1D -> Dense(1)`, the Dense layer trained
 by the model's Adam in both (TensorFlow: `jit_compile=False` / `True`)."""
+    if bags_size:
+        training_note += """ The bags rows list every mode, eager first
+(TensorFlow: eager / `tf.function` / XLA; JAX: eager / `jax.jit`; the
+training step: TensorFlow `jit_compile=False` / `True`); "ours" there is
+`EmbeddingBag` on dense padded ids (see "Bags of ids")."""
     header = ["", *(BACKEND_TITLES[b] for b in backends)]
     return f"""## Headline
 
@@ -549,6 +583,187 @@ rows are for comparison.
 {lookup_table}"""
 
 
+def bags_forward_table(data):
+    rows = list(backend_rows(data, "bags"))
+    names = [name for name in BAGS_COLUMNS if any(name in row for _, row in rows)]
+    cells = [
+        [
+            backend,
+            f"{row['input_dim']:,}",
+            row["mode"],
+            row["ours"]["reps"],
+            *(milliseconds(row[name]) if name in row else "-" for name in names),
+        ]
+        for backend, row in rows
+    ]
+    header = ["backend", "rows", "mode", "reps"]
+    header += [f"{BAGS_COLUMNS[name]} (ms)" for name in names]
+    return table(header, "lrlr" + "r" * len(names), cells)
+
+
+def bags_met(row):
+    """The forward row's verdict: every target met, or the missed ones."""
+    met = row["met"]
+    if any(value is None for value in met.values()):
+        return "n/a"
+    missed = [BAGS_RATIO_COLUMNS[ratio] for ratio, value in met.items() if not value]
+    return "**no**: " + ", ".join(missed) if missed else "yes"
+
+
+def bags_ratio_table(data):
+    rows = list(backend_rows(data, "bags"))
+    ratios = [
+        ratio
+        for ratio in BAGS_RATIO_COLUMNS
+        if any(ratio in row["ratios"] for _, row in rows)
+    ]
+    cells = [
+        [
+            backend,
+            row["mode"],
+            BAGS_COLUMNS[row["hand_written"]],
+            *(number(row["ratios"].get(ratio)) for ratio in ratios),
+            bags_met(row),
+        ]
+        for backend, row in rows
+    ]
+    header = ["backend", "mode", "hand-written (faster)"]
+    header += [BAGS_RATIO_COLUMNS[ratio] for ratio in ratios] + ["targets met"]
+    return table(header, "lll" + "r" * len(ratios) + "l", cells)
+
+
+def bags_training_table(data):
+    rows = list(backend_rows(data, "bags_training"))
+    names = [n for n in BAGS_TRAIN_COLUMNS if any(n in row for _, row in rows)]
+    cells = [
+        [
+            backend,
+            f"{row['input_dim']:,}",
+            row["mode"],
+            row["ours"]["reps"],
+            *(milliseconds(row[name]) if name in row else "-" for name in names),
+            number(row["ratios"]["embed_reduce_over_ours_adam"], "x"),
+            number(row["ratios"].get("ours_adam_over_native")),
+            row["target"],
+            verdict(row["met"]),
+        ]
+        for backend, row in rows
+    ]
+    header = ["backend", "rows", "mode", "reps"]
+    header += [f"{BAGS_TRAIN_COLUMNS[name]} (ms)" for name in names]
+    header += ["EmbedReduce / ours 'adam'", "ours 'adam' / torch", "target", "met"]
+    return table(header, "lrlr" + "r" * (len(names) + 2) + "ll", cells)
+
+
+def bags_memory_table(data):
+    rows = [
+        [
+            backend,
+            BAGS_MEMORY_LABELS[entry["config"]],
+            f"{entry['table_bytes'] / 2**20:.1f}",
+            f"{entry['peak_increase_mb']:.1f}",
+            number(entry["temporary_mb"]),
+            f"{entry['output_mb']:.2f}",
+            "yes" if has_temporary(entry) else "no",
+        ]
+        for backend, entry in backend_rows(data, "bags_memory")
+    ]
+    header = ["backend", "configuration", "tables (MiB)"]
+    header += ["peak RSS increase (MiB)", "a table-sized temporary (MiB)"]
+    header += ["output (MiB)", "table-sized temporary"]
+    return table(header, "llrrrrl", rows)
+
+
+def bags_memory_verdict(data):
+    """Ours (every format of EmbeddingBag) must add no table-sized
+    temporary; the other rows are for comparison."""
+    ours = [e for _, e in backend_rows(data, "bags_memory") if e["ours"]]
+    if not ours:
+        return "not measured"
+    if data["quick"]:
+        # A 10,000-row table is smaller than the batch's own temporaries.
+        return "n/a (a `--quick` run)"
+    return "**not met**" if any(map(has_temporary, ours)) else "met"
+
+
+def bags_sections(data):
+    forward = [row for _, row in backend_rows(data, "bags")]
+    steps = [row for _, row in backend_rows(data, "bags_training")]
+    memory = [entry for _, entry in backend_rows(data, "bags_memory")]
+    first = forward[0] if forward else None
+    size = f"{first['input_dim']:,}" if first else "-"
+    ids = f"{first['ids']:,}" if first else "-"
+    if data["settings"]["memory_in_timing_process"]:
+        processes = "all measured one after the other in the timing process"
+    else:
+        processes = "each measured in a fresh process"
+    forward_tables = not_measured(forward, "bags") or (
+        f"{bags_forward_table(data)}\n\n{bags_ratio_table(data)}"
+    )
+    return f"""## Bags of ids: EmbeddingBag
+
+A DLRM-like batch: 1,024 bags of 1 to 50 ids (lengths uniform in [1, 50],
+{ids} ids in all, uniform in `[1, V)`, a fixed seed), `V = {size}` rows,
+`output_dim=64`, `combiner="mean"`, every table holding the same values.
+"ours dense" is `keras_ext_embedding.EmbeddingBag(V, 64, combiner="mean",
+mask_zero=True)` on the bags padded with id 0 to `1024 x 50`; "ours flat"
+the same layer on the ids one bag after the other, `layer(flat_ids,
+lengths=lengths)`. "EmbedReduce" is keras-rs `EmbedReduce(V, 64,
+combiner="mean")` on the padded ids: it **counts the padding id 0 in its
+mean** (with or without `mask_zero=True`), so it computes another result
+(checked against that mean); it is timed as the peer layer all the same.
+"Embedding + pool" is our `Embedding` lookup, then the masked mean written
+with `keras.ops`. The hand-written `keras.ops` references read a plain
+variable: "take + mean" is `ops.take` then the masked mean over the padded
+ids, "take + segment_sum" `ops.take` of the flat ids then `ops.segment_sum`
+over their bag ids (given as an input, as a pipeline would) divided by the
+lengths; the faster of the two in each mode is "hand-written". On PyTorch,
+"torch EmbeddingBag" is `torch.nn.EmbeddingBag(V, 64, mode="mean")` on the
+flat ids and the bags' start offsets, the floor. Every output is checked
+equal to ours before timing. Modes as in the other sections: eager,
+`tf.function` without and with XLA, `jax.jit` of `stateless_call`, PyTorch
+eager (where ours also checks the ids on the host).
+
+Targets: ours (dense and flat) within 1.3x of the best hand-written
+`keras.ops`, and ours on the padded ids no slower than EmbedReduce on the
+same ids.
+
+{forward_tables}
+
+### Training step
+
+One `train_on_batch` of `Input((50,), int32) -> bag layer -> Dense(1)`, MSE,
+the model compiled with Adam (TensorFlow: `jit_compile=False` and `True`):
+ours trained densely by the model's Adam ("ours Adam"), ours with
+`optimizer="adam"` (the table steps only the looked-up rows, lazy Adam),
+and EmbedReduce (dense Adam). On PyTorch, "torch SparseAdam" is
+`nn.EmbeddingBag(V, 64, mode="mean", sparse=True)` on the flat ids and
+offsets + `nn.Linear(64, 1)`, stepped by `SparseAdam` and `Adam`. The first
+losses of ours and torch's are checked equal (EmbedReduce's differs: it
+averages the padding rows in). Target: EmbedReduce's dense step at least
+20x slower than ours with `optimizer="adam"` where XLA compiles the step.
+
+{not_measured(steps, "bags") or bags_training_table(data)}
+
+### Peak memory of one bag forward pass
+
+The peak RSS increase of one eager forward pass on the batch, {processes},
+as in "Table bytes and peak memory" below: the tables (every variable:
+scales, LoRA factors) are resident before the pass, so the increase is what
+the pass itself adds over them. "a table-sized temporary" is a float32 `V
+x 64` array (a table with LoRA's delta added, or dequantized), for every
+format; "table-sized temporary" says "yes" where the increase is at least
+half of it. The batch's own arrays are much smaller but not negligible: its
+gathered rows are `1024 x 50 x 64` float32 (12.5 MiB), and an eager pass
+makes several such (more for quantized rows, which are unpacked and
+dequantized; PyTorch also keeps some for autograd). int8 and int4 (groups
+of 128, what `quantize("int4")` makes) are built in their dtype policy,
+LoRA is rank 4 with a non-zero `B`. Target: no format of ours adds a
+table-sized temporary: {bags_memory_verdict(data)}.
+
+{not_measured(memory, "bags") or bags_memory_table(data)}"""
+
+
 def memory_sections(data, images):
     memory = [entry for _, entry in backend_rows(data, "memory")]
     size = f"{memory[0]['input_dim']:,}" if memory else "-"
@@ -843,6 +1058,12 @@ METHOD = """## How it is measured
   the default policy, on this loaded machine, every multi-threaded op at
   times stalled until the next scheduler tick, so that a 0.1 ms lookup took
   exactly 8 ms for both layers.
+- **Bags**: the forward passes of a mode are timed together in rotating
+  order after their first call (`first_call_s` in the JSON: tracing and
+  compiling) and the check of their outputs; the training steps likewise,
+  each timed step at 1M rows following an untimed one (as for training
+  big tables). Peak memory is measured as below, one (backend,
+  configuration) per fresh process in a full run.
 - **Peak memory**: imports and first-call setup run on a small layer; then
   the layer is built directly in its dtype policy (an int4 layer with
   `int4/128_from_float32`: quantizing a float table first would leave
@@ -892,6 +1113,7 @@ def markdown(data, images):
         machine_section(data),
         speed_sections(data, images),
         training_sections(data, images),
+        bags_sections(data),
         memory_sections(data, images),
         reverse_sections(data, images),
         METHOD,

@@ -12,14 +12,18 @@ output directory. The `reverse_projection` section benchmarks
 decoding with a keras-hub causal LM): about an hour of a full run. The
 `training` section times one training step of big tables (dense, and
 row-sparse with `Embedding(optimizer=...)`) up to 4M rows, and lookups
-after a training step: an estimated 15 minutes. The other sections take
-about 20 minutes.
+after a training step: an estimated 15 minutes. The `bags` section
+benchmarks `keras_ext_embedding.EmbeddingBag` on a DLRM-like batch of bags
+against keras-rs `EmbedReduce`, hand-written `keras.ops` and (PyTorch)
+`torch.nn.EmbeddingBag`: forward passes, training steps and peak memory at
+1M rows, about 15 minutes. The other sections take about 20 minutes.
 
     python benchmarks/run.py                      # full run, docs/, ~95 min
     python benchmarks/run.py --quick              # smoke run, a temporary dir
     python benchmarks/run.py --quick --output-dir /tmp/bench
     python benchmarks/run.py --backends jax,torch --output-dir /tmp/bench
     python benchmarks/run.py --sections reverse_projection --output-dir /tmp/bench
+    python benchmarks/run.py --quick --sections bags --output-dir /tmp/bench
     python benchmarks/run.py --from-json docs/benchmarks.json --output-dir docs
     python benchmarks/run.py --backends tensorflow --sections reverse_projection \
         --update docs/benchmarks.json             # remeasure, keep the rest
@@ -53,6 +57,8 @@ import plots
 import report
 import summary
 from plan import (
+    BAGS_MEMORY_CONFIGS,
+    BAGS_NATIVE_BACKEND,
     BATCH_SHAPE,
     LORA_RANK,
     MEMORY_CONFIGS,
@@ -120,8 +126,9 @@ def run_all(jobs, runs):
 
 def memory_runs(backends, sections):
     """`(backend, ["--memory", "CONFIG:IMPL"])`: one run per backend,
-    configuration and layer; and `["--reverse-memory", "FORMAT:IMPL"]` for
-    the reverse projection."""
+    configuration and layer; `["--reverse-memory", "FORMAT:IMPL"]` for the
+    reverse projection; and `["--bags-memory", "CONFIG"]` for the bags
+    section (its "native" configuration on PyTorch only)."""
     for backend in backends:
         if "memory" in sections:
             for (config, _), impl in itertools.product(MEMORY_CONFIGS, IMPLS):
@@ -129,6 +136,10 @@ def memory_runs(backends, sections):
         if "reverse_projection" in sections:
             for (name, _), impl in itertools.product(REVERSE_FORMATS, IMPLS):
                 yield backend, ["--reverse-memory", f"{name}:{impl}"]
+        if "bags" in sections:
+            for config, _ in BAGS_MEMORY_CONFIGS:
+                if config != "native" or backend == BAGS_NATIVE_BACKEND:
+                    yield backend, ["--bags-memory", config]
 
 
 def timing_runs(args, backends, sections):
@@ -289,7 +300,8 @@ def write_outputs(data, output_dir):
 
 def missed_targets(data):
     """`backend case mode variant` of every speed row that missed its target,
-    then those of the reverse projection's rows and peak memory."""
+    then those of the reverse projection's rows and peak memory, and of the
+    bags section's forward and training rows."""
     missed = []
     for backend, result in data["results"].items():
         missed += [
@@ -307,6 +319,17 @@ def missed_targets(data):
             f"{backend} reverse memory {entry['format']}"
             for entry in result.get("reverse_memory", [])
             if entry["met"] is False
+        ]
+        missed += [
+            f"{backend} bags {row['mode']} {ratio}"
+            for row in result.get("bags", [])
+            for ratio, met in row["met"].items()
+            if met is False
+        ]
+        missed += [
+            f"{backend} bags training {row['mode']}"
+            for row in result.get("bags_training", [])
+            if row["met"] is False
         ]
     return missed
 

@@ -85,6 +85,23 @@ def training_speedups(rows, input_dim):
     }
 
 
+def bags_ratios(forward, steps):
+    """The bags section's ratios of medians, per mode: ours on dense ids over
+    the best hand-written keras.ops and over keras-rs EmbedReduce, and
+    EmbedReduce's dense Adam step time over ours with `optimizer="adam"`."""
+    return {
+        "over_hand_written": {
+            row["mode"]: row["ratios"]["ours_over_hand_written"] for row in forward
+        },
+        "over_embed_reduce": {
+            row["mode"]: row["ratios"]["ours_over_embed_reduce"] for row in forward
+        },
+        "train_speedup": {
+            row["mode"]: row["ratios"]["embed_reduce_over_ours_adam"] for row in steps
+        },
+    }
+
+
 def headline(results, settings):
     lora_size = settings["lora_case_size"]
     native_size = max(settings["native_sizes"])
@@ -97,6 +114,7 @@ def headline(results, settings):
         "reverse_input_dim": reverse_size,
         "decoding_vocab": settings["decoding_vocab"],
         "training_input_dim": training_size,
+        "bags_input_dim": settings.get("bags_size"),
         "backends": {
             backend: {
                 "lora_speedup": lora_speedups(
@@ -110,6 +128,9 @@ def headline(results, settings):
                 "decoding_speedup": decoding_speedups(result.get("decoding", [])),
                 "training_speedup": training_speedups(
                     result.get("training", []), training_size
+                ),
+                "bags": bags_ratios(
+                    result.get("bags", []), result.get("bags_training", [])
                 ),
             }
             for backend, result in results.items()
