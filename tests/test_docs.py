@@ -28,8 +28,10 @@ DOCS = ROOT / "docs"
 PAGES = [ROOT / "README.md", DOCS / "index.md", *sorted((DOCS / "guides").glob("*.md"))]
 PUBLIC = [
     keras_ext_embedding.Embedding,
+    keras_ext_embedding.EmbeddingBag,
     keras_ext_embedding.InvalidIdError,
     keras_ext_embedding.ReversibleEmbedding,
+    keras_ext_embedding.SharedEmbedding,
     keras_ext_embedding.replace_embeddings,
     keras_ext_embedding.shard_embeddings,
 ]

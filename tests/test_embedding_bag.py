@@ -1498,3 +1498,26 @@ def test_flat_bags_of_skewed_lengths(combiner):
         flat_weights = np.concatenate(weights).astype("float32")
         out = layer(flat, flat_weights, lengths=np.array(lengths, "int32"))
         assert_pooled(out, reference(table, bags, weights, combiner, padding=0))
+
+
+def test_model_of_flat_bags_trains():
+    """Keras infers a model's outputs before its first step by calling it
+    on placeholder values (PyTorch: tensors of 1s, 83s or 89s): they are
+    not checked as ids or layouts, here nor in an Embedding beside."""
+    from keras_ext_embedding import Embedding
+
+    ids = keras.Input((), dtype="int32")
+    offsets = keras.Input((), dtype="int32")
+    small = keras.Input((2,), dtype="int32")
+    bag = EmbeddingBag(V, D, weights=random_table())
+    pooled = bag(ids, offsets=offsets)
+    rows = keras.layers.Flatten()(Embedding(50, 2)(small))
+    model = keras.Model(
+        [ids, offsets, small], keras.layers.Concatenate()([pooled, rows])
+    )
+    model.compile(keras.optimizers.SGD(0.1), "mse")
+    data = [np.array([1, 2, 3], "int32"), np.array([0, 2, 3], "int32")]
+    data.append(np.array([[1, 2], [3, 4]], "int32"))
+    model.train_on_batch(data, np.zeros((2, D + 4), "float32"))
+    moved = np.abs(to_numpy(bag.embeddings) - random_table()).sum(1) > 0
+    np.testing.assert_array_equal(np.flatnonzero(moved), [1, 2, 3])
