@@ -141,6 +141,9 @@ class Embedding(keras.layers.Layer):
         `(d1, ..., dn, output_dim)`, in the layer's compute dtype.
     """
 
+    # Quantizes with `type_check=True` (see `quantize`).
+    _quantizes_own_tables = True
+
     def __init__(
         self,
         input_dim,
@@ -555,7 +558,10 @@ class Embedding(keras.layers.Layer):
                 `block_size`).
         """
         mode, config = self._check_quantize_arguments(mode, config)
-        if type_check and type(self) is not Embedding:
+        if type_check and not type(self).__dict__.get("_quantizes_own_tables"):
+            # Keras's rule: a subclass must pass `type_check=False` to say it
+            # reads the quantized variables correctly. Each class of this
+            # package says so by setting `_quantizes_own_tables` in its body.
             raise self._not_implemented_error(self.quantize)
         if mode not in _quantization.MODES:
             raise self._quantization_mode_error(mode)

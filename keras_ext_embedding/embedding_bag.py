@@ -106,6 +106,8 @@ class EmbeddingBag(Embedding):
         layer's compute dtype, without a mask.
     """
 
+    _quantizes_own_tables = True
+
     def __init__(
         self,
         input_dim,
@@ -188,28 +190,6 @@ class EmbeddingBag(Embedding):
         else:
             shape = self.compute_output_shape(inputs.shape)
         return keras.KerasTensor(shape, dtype=self.compute_dtype)
-
-    def quantize(self, mode=None, type_check=True, config=None):
-        """Quantizes the table to int8 or int4, as `Embedding.quantize`.
-
-        Examples:
-            >>> layer = keras_ext_embedding.EmbeddingBag(1000, 64)
-            >>> layer.build()
-            >>> layer.quantize("int8")
-            >>> layer.dtype_policy.name
-            'int8_from_float32'
-
-        Args:
-            mode: `"int8"` or `"int4"`.
-            type_check: As in Keras: subclasses must pass `False` to confirm
-                they read the quantized variables correctly.
-            config: Optional `keras.quantizers.Int8QuantizationConfig` or
-                `Int4QuantizationConfig`.
-        """
-        mode, config = self._check_quantize_arguments(mode, config)
-        if type_check and type(self) is not EmbeddingBag:
-            raise self._not_implemented_error(self.quantize)
-        super().quantize(mode, type_check=False, config=config)
 
     def get_config(self):
         config = {**super().get_config(), "combiner": self.combiner}

@@ -96,6 +96,8 @@ class ReversibleEmbedding(Embedding):
         `(d1, ..., dn, input_dim)`.
     """
 
+    _quantizes_own_tables = True
+
     def __init__(
         self,
         input_dim,
@@ -229,10 +231,7 @@ class ReversibleEmbedding(Embedding):
             config: Optional `keras.quantizers.Int8QuantizationConfig` or
                 `Int4QuantizationConfig`.
         """
-        mode, config = self._check_quantize_arguments(mode, config)
-        if type_check and type(self) is not ReversibleEmbedding:
-            raise self._not_implemented_error(self.quantize)
-        super().quantize(mode, type_check=False, config=config)
+        super().quantize(mode, type_check=type_check, config=config)
 
     def quantized_build(self, embeddings_shape, mode, config=None):
         """Creates the quantized variables, named and shaped as in Keras."""

@@ -76,6 +76,8 @@ class SharedEmbedding(Embedding):
         and `(*ids.shape, output_dim)` for an unpooled one.
     """
 
+    _quantizes_own_tables = True
+
     def __init__(
         self,
         input_dim,
@@ -220,21 +222,6 @@ class SharedEmbedding(Embedding):
                 shape = (*ids.shape[:-1], self.output_dim)
             outputs[name] = keras.KerasTensor(shape, dtype=self.compute_dtype)
         return outputs
-
-    def quantize(self, mode=None, type_check=True, config=None):
-        """Quantizes the table to int8 or int4, as `Embedding.quantize`.
-
-        Args:
-            mode: `"int8"` or `"int4"`.
-            type_check: As in Keras: subclasses must pass `False` to confirm
-                they read the quantized variables correctly.
-            config: Optional `keras.quantizers.Int8QuantizationConfig` or
-                `Int4QuantizationConfig`.
-        """
-        mode, config = self._check_quantize_arguments(mode, config)
-        if type_check and type(self) is not SharedEmbedding:
-            raise self._not_implemented_error(self.quantize)
-        super().quantize(mode, type_check=False, config=config)
 
     def get_config(self):
         config = {**super().get_config(), "features": dict(self.features)}
