@@ -16,9 +16,11 @@ from keras_ext_embedding import _ids
 from keras_ext_embedding._pooling import DenseBags, FlatBags, both
 
 
-def check_padding_id(padding_id, mask_zero, input_dim):
+def padding_id_argument(padding_id, mask_zero, input_dim):
+    """The `padding_id` argument checked, as a plain int (a NumPy integer
+    would not serialize) or None."""
     if padding_id is None:
-        return
+        return None
     if (
         not isinstance(padding_id, (int, np.integer))
         or isinstance(padding_id, bool)
@@ -35,6 +37,12 @@ def check_padding_id(padding_id, mask_zero, input_dim):
             f"another: a layer has one padding id. Received: mask_zero=True, "
             f"padding_id={padding_id}. Remove one of the two arguments."
         )
+    return int(padding_id)
+
+
+def padding(mask_zero, padding_id):
+    """The id that a bag leaves out: 0 with `mask_zero`, else `padding_id`."""
+    return 0 if mask_zero else padding_id
 
 
 def scalar_ids_message(layer_name):

@@ -132,10 +132,10 @@ class EmbeddingBag(Embedding):
             weights=weights,
             **kwargs,
         )
-        _bag_inputs.check_padding_id(padding_id, mask_zero, input_dim)
         self.combiner = combiner
-        # A plain int: NumPy integers would not serialize.
-        self.padding_id = None if padding_id is None else int(padding_id)
+        self.padding_id = _bag_inputs.padding_id_argument(
+            padding_id, mask_zero, input_dim
+        )
         # The layer consumes a mask from upstream and pools it away.
         self.supports_masking = True
 
@@ -203,4 +203,4 @@ class EmbeddingBag(Embedding):
 
     def _padding(self):
         """The padding id, or None."""
-        return 0 if self.mask_zero else self.padding_id
+        return _bag_inputs.padding(self.mask_zero, self.padding_id)

@@ -102,9 +102,10 @@ class SharedEmbedding(Embedding):
             weights=weights,
             **kwargs,
         )
-        _bag_inputs.check_padding_id(padding_id, mask_zero, input_dim)
         self.features = dict(features)
-        self.padding_id = None if padding_id is None else int(padding_id)
+        self.padding_id = _bag_inputs.padding_id_argument(
+            padding_id, mask_zero, input_dim
+        )
         self.supports_masking = True
 
     def __call__(self, inputs, *args, **kwargs):
@@ -137,7 +138,7 @@ class SharedEmbedding(Embedding):
         extras = {"weights": weights, "lengths": lengths, "offsets": offsets}
         for argument, values in extras.items():
             self._check_pooled_names(values, argument)
-        padding = 0 if self.mask_zero else self.padding_id
+        padding = _bag_inputs.padding(self.mask_zero, self.padding_id)
         parts = {}
         for name, combiner in self.features.items():
             ids, feature_mask = inputs[name], _entry(mask, name)
