@@ -11,7 +11,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_ext_embedding import _projection, _runs
+from keras_ext_embedding import _layout, _projection, _runs
 
 
 class LoraAdapters:
@@ -35,7 +35,12 @@ class LoraAdapters:
         # Adapters stay float32 whatever the policy: low-precision adapters
         # underflow during fine-tuning. A row-sparse A (the layer's
         # `optimizer`) is never autocast: its step writes all of it back.
-        layer.lora_embeddings_a = layer.add_weight(
+        # A spans the table's rows, B its columns: each laid out as those.
+        table = (layer._table.variable, _layout.TABLE)
+        layer.lora_embeddings_a = _layout.add_weight(
+            layer,
+            (_layout.ROWS, None),
+            table,
             name="lora_embeddings_a",
             shape=(layer.input_dim, self.rank),
             initializer=self.a_initializer,
@@ -43,7 +48,10 @@ class LoraAdapters:
             regularizer=layer.embeddings_regularizer,
             autocast=layer._row_sparse_rule is None,
         )
-        layer.lora_embeddings_b = layer.add_weight(
+        layer.lora_embeddings_b = _layout.add_weight(
+            layer,
+            (None, _layout.COLUMNS),
+            table,
             name="lora_embeddings_b",
             shape=(self.rank, layer.output_dim),
             initializer=keras.initializers.get(b_initializer),

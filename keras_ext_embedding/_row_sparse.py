@@ -34,7 +34,7 @@ import copy
 import keras
 from keras import ops
 
-from keras_ext_embedding import _runs, _step_guard
+from keras_ext_embedding import _layout, _runs, _step_guard
 
 SLOTS = {"sgd": (), "adagrad": ("accumulator",), "adam": ("momentum", "velocity")}
 OPTIMIZER_CLASSES = {
@@ -255,8 +255,13 @@ class RowSparseState:
         layer = self.layer
         self.variable = variable
         variable.overwrite_with_gradient = True
+        # The slots are laid out as the variable they step (sharded with
+        # the table), the step counter on every device.
         self.slots = [
-            layer.add_weight(
+            _layout.add_weight(
+                layer,
+                None,
+                (variable, None),
                 name=f"{self.target}_{slot}",
                 shape=variable.shape,
                 initializer=keras.initializers.Constant(
@@ -270,7 +275,9 @@ class RowSparseState:
         ]
         # float32, as keras-rs's: a gradient must be a float. It counts
         # every step exactly up to 2**24.
-        self.iteration = layer.add_weight(
+        self.iteration = _layout.add_weight(
+            layer,
+            (),
             name=f"{self.target}_iteration",
             shape=(),
             initializer="zeros",
@@ -307,10 +314,6 @@ class RowSparseState:
             return
         for variable, array in zip(self.variables(), arrays, strict=True):
             variable.assign(array)
-
-    def set_trainable(self, trainable):
-        for variable in self.variables():
-            variable.trainable = trainable
 
     def remove(self):
         """Untracks the slots and step counter (LoRA merged away)."""

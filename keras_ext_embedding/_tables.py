@@ -34,6 +34,7 @@ from keras import ops
 from keras_ext_embedding import (
     _checkpoint,
     _ids,
+    _layout,
     _projection,
     _quantization,
     _runs,
@@ -98,7 +99,8 @@ class Placement:
         delattr(layer, self.attributes[role])
 
     def shape(self, rows_first):
-        """The stored shape of a variable whose rows-first shape is given."""
+        """The stored shape of a variable whose rows-first shape is given
+        (or the `_layout` roles of its dimensions)."""
         if self.transposed and len(rows_first) == 2:
             return tuple(reversed(rows_first))
         return tuple(rows_first)
@@ -151,6 +153,33 @@ class _Table:
         forward table, `reverse_embeddings` for the reverse one)."""
         return self.placement.get(self.layer, "embeddings")
 
+    def add_weight(self, role, shape, roles, **kwargs):
+        """Creates and sets the variable of `role`, of rows-first `shape`
+        whose dimensions span `roles` (`_layout`), stored in this
+        placement's orientation.
+
+        The table is laid out by the distribution's rule for its path, or
+        for a reverse table after the forward one (its rows and columns
+        swapped); the other variables after the table.
+        """
+        layer, place = self.layer, self.placement
+        if role != "embeddings":
+            follows = (self.variable, place.shape(_layout.TABLE))
+        elif place is FORWARD:
+            follows = None
+        else:
+            follows = (FORWARD.get(layer, "embeddings"), _layout.TABLE)
+        variable = _layout.add_weight(
+            layer,
+            place.shape(roles),
+            follows,
+            name=place.name(role),
+            shape=place.shape(shape),
+            **kwargs,
+        )
+        place.set(layer, role, variable)
+        return variable
+
     def check_stored(self, arrays):
         """Refuses checkpoint arrays whose values cannot be this table's
         (their count, dtypes and shapes are checked by `_checkpoint`)."""
@@ -195,16 +224,16 @@ class FloatTable(_Table):
         # step writes the whole variable back, which a model's mixed
         # precision scope would otherwise round to the compute dtype.
         row_sparse = forward and layer._row_sparse_rule is not None
-        variable = layer.add_weight(
-            shape=self.placement.shape((layer.input_dim, layer.output_dim)),
+        self.add_weight(
+            "embeddings",
+            (layer.input_dim, layer.output_dim),
+            _layout.TABLE,
             initializer=layer.embeddings_initializer,
-            name=self.placement.name("embeddings"),
             regularizer=layer.embeddings_regularizer if forward else None,
             constraint=layer.embeddings_constraint if forward else None,
             trainable=True,
             autocast=not row_sparse,
         )
-        self.placement.set(layer, "embeddings", variable)
 
     def remove(self):
         self.placement.delete(self.layer, "embeddings")
@@ -298,31 +327,25 @@ class _QuantizedTable(_Table):
     value_bound = 127
 
     def build(self):
-        layer, place = self.layer, self.placement
-        place.set(
-            layer,
+        layer = self.layer
+        self.add_weight(
             "embeddings",
-            layer.add_weight(
-                name=place.name("embeddings"),
-                shape=place.shape((layer.input_dim, self.width)),
-                initializer="zeros",
-                dtype="int8",
-                trainable=False,
-            ),
+            (layer.input_dim, self.width),
+            _layout.TABLE,
+            initializer="zeros",
+            dtype="int8",
+            trainable=False,
         )
         # autocast=False: under a mixed policy Keras would read the scales in
         # the compute dtype (bfloat16), rounding them before they are used;
         # rows are dequantized in float32 and rounded once, at the end.
-        place.set(
-            layer,
+        self.add_weight(
             "scale",
-            layer.add_weight(
-                name=place.name("scale"),
-                shape=place.shape(self.scale_shape),
-                initializer="ones",
-                trainable=False,
-                autocast=False,
-            ),
+            self.scale_shape,
+            self.scale_roles,
+            initializer="ones",
+            trainable=False,
+            autocast=False,
         )
 
     def remove(self):
@@ -344,6 +367,9 @@ class _QuantizedTable(_Table):
     @property
     def scale_shape(self):
         return (self.layer.input_dim,)
+
+    # One scale per row: laid out as the rows.
+    scale_roles = (_layout.ROWS,)
 
     @property
     def row_dtype(self):
@@ -559,30 +585,30 @@ class GroupedInt4Table(Int4Table):
     def scale_shape(self):
         return (self.layer.input_dim, self.groups)
 
+    scale_roles = (_layout.ROWS, None)
+
     def build(self):
         _QuantizedTable.build(self)
         layer, place = self.layer, self.placement
-        place.set(
-            layer,
+        self.add_weight(
             "zero",
-            layer.add_weight(
-                name=place.name("zero"),
-                shape=place.shape(self.scale_shape),
-                initializer="zeros",
-                dtype=place.zero_dtype,
-                trainable=False,
-            ),
+            self.scale_shape,
+            self.scale_roles,
+            initializer="zeros",
+            dtype=place.zero_dtype,
+            trainable=False,
         )
         if place.has("g_idx"):
-            g_idx = layer.add_weight(
-                name=place.name("g_idx"),
-                shape=(layer.output_dim,),
+            # The group of each column: a few bytes, on every device.
+            g_idx = self.add_weight(
+                "g_idx",
+                (layer.output_dim,),
+                (None,),
                 initializer="zeros",
                 dtype="float32",
                 trainable=False,
             )
             g_idx.assign(_quantization.group_index(layer.output_dim, self.block_size))
-            place.set(layer, "g_idx", g_idx)
 
     def remove(self):
         super().remove()

@@ -461,7 +461,10 @@ class Embedding(keras.layers.Layer):
         for table in self._tables():
             table.freeze()
         if self._table_training is not None:
-            self._table_training.set_trainable(False)
+            # A frozen table keeps no optimizer slots: two table-sized
+            # variables that would never train. `merge_lora` makes fresh ones.
+            self._table_training.remove()
+            self._table_training = None
         if self._row_sparse_rule is not None:
             self._lora_training = _row_sparse.RowSparseState(
                 self, self._row_sparse_rule, "lora_embeddings_a"
@@ -512,12 +515,11 @@ class Embedding(keras.layers.Layer):
         if self._lora_training is not None:
             self._lora_training.remove()
             self._lora_training = None
-        self._tracker.lock()
         self._adapters = None
         for table in self._tables():
             table.unfreeze()
-        if self._table_training is not None:
-            self._table_training.set_trainable(True)
+        self._build_table_training()
+        self._tracker.lock()
         self.lora_enabled = False
         self.lora_rank = None
         self.lora_alpha = None
