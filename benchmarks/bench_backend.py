@@ -12,6 +12,8 @@ the result is one JSON object on the last line of stdout.
     KERAS_BACKEND=torch python benchmarks/bench_backend.py --memory int4:ours
     KERAS_BACKEND=jax python benchmarks/bench_backend.py --reverse-memory int8:keras
     KERAS_BACKEND=torch python benchmarks/bench_backend.py --bags-memory int4,native
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 KERAS_BACKEND=jax \
+        python benchmarks/bench_backend.py --sections sharded
 
 `--memory CONFIG:IMPL,...` measures instead the table bytes and the peak
 resident memory of one forward pass (see peak_memory.py), for each listed
@@ -19,6 +21,10 @@ configuration and implementation (`ours` or `keras`) in turn;
 `--reverse-memory FORMAT:IMPL,...` those of one reverse projection of a
 ReversibleEmbedding (see reverse_projection.py); `--bags-memory CONFIG,...`
 those of one forward pass of a bag layer (see bags.py).
+
+The `sharded` section (see sharded.py) runs only when `--sections` names
+it, on JAX (elsewhere it is skipped), in a process started with 8 virtual
+CPU devices (`XLA_FLAGS` as above; run.py starts it so).
 """
 
 import argparse
@@ -34,13 +40,21 @@ import native_floor
 import peak_memory
 import quantized
 import reverse_projection
+import sharded
 import training
 import vocab_scaling
-from plan import BAGS_MEMORY_CONFIGS, BAGS_NATIVE_BACKEND, SECTIONS, plan
+from plan import (
+    BAGS_MEMORY_CONFIGS,
+    BAGS_NATIVE_BACKEND,
+    SECTIONS,
+    SHARDED_BACKEND,
+    plan,
+)
 from timing import BACKEND, SEED
 
 # "memory" in --sections: every configuration in turn, in this process.
-SPEED_SECTIONS = tuple(section for section in SECTIONS if section != "memory")
+# "sharded" needs a process started with virtual devices: named only.
+SPEED_SECTIONS = tuple(s for s in SECTIONS if s not in ("memory", "sharded"))
 
 
 def progress(text):
@@ -126,6 +140,12 @@ def measure_sections(args):
         rows = result["decoding"] = []
         describe = "decoding {format} vocab {vocab:,}".format_map
         decoding.bench(current, collector(rows, describe, ("ours", "keras")))
+    if "sharded" in sections:
+        if BACKEND == SHARDED_BACKEND:
+            rows = result["sharded"] = []
+            sharded.bench(current, collector(rows, sharded_description, ("step",)))
+        else:
+            progress("sharded: skipped (keras.distribution shards on JAX only)")
     if "memory" in sections:
         # Last: the measurements need no timing, and free what they build.
         result["memory"] = memory(current, peak_memory.MEASUREMENTS)
@@ -145,6 +165,14 @@ def measure_sections(args):
         for row in [*result["speed"], *result.get("reverse_projection", [])]:
             row["met"] = None
     return result
+
+
+def sharded_description(row):
+    return (
+        f"sharded {row['config']} {row['input_dim']:,} rows {row['devices']} "
+        f"devices: {row['max_device_bytes'] / 2**20:.1f} MiB per device "
+        f"({row['over_ideal']:.2f}x ideal)"
+    )
 
 
 def memory(current, measurements):

@@ -5,6 +5,7 @@ from plan import (
     DECODING_FORMATS,
     MEMORY_CONFIGS,
     REVERSE_FORMATS,
+    SHARDED_CONFIGS,
 )
 
 BACKEND_TITLES = {"tensorflow": "TensorFlow", "jax": "JAX", "torch": "PyTorch"}
@@ -88,6 +89,13 @@ BAGS_TRAIN_COLUMNS = {
     "native": "torch SparseAdam",
 }
 BAGS_MEMORY_LABELS = dict(BAGS_MEMORY_CONFIGS)
+# The sharded section's configurations (sharded.CONFIGS); shorter, for
+# table headers.
+SHARDED_LABELS = dict(SHARDED_CONFIGS)
+SHARDED_COLUMNS = {
+    "keras_dense_adam": "keras Adam",
+    "ours_row_sparse_adam": "ours 'adam'",
+}
 # The layers of the lookup-after-training part (its models train with SGD).
 LOOKUP_LAYER_LABELS = {
     "keras": "keras.layers.Embedding",

@@ -21,8 +21,12 @@ SECTIONS = (
     "training",
     "bags",
     "reverse_projection",
+    "sharded",
     "memory",
 )
+# Sections a `--quick` run leaves out unless `--sections` names them: the
+# sharded section needs a JAX process of its own with virtual devices.
+QUICK_OPT_IN = ("sharded",)
 
 # Peak-memory configurations: (name, label). The layer each one builds is in
 # peak_memory.py.
@@ -82,6 +86,24 @@ REVERSE_FORMATS = (
 # The formats of the decoding benchmark (a keras-hub causal LM's
 # `model.quantize(mode)` or its token embedding's LoRA).
 DECODING_FORMATS = ("float32", "float32_lora", "int8", "int4")
+
+# Tables sharded by rows with `keras.distribution` (see sharded.py): JAX only
+# (Keras 3 shards variables on JAX alone), in a process of its own with
+# `SHARDED_DEVICES` virtual CPU devices (`XLA_FLAGS`), a table of
+# `SHARDED_OUTPUT_DIM` looked up by `SHARDED_BATCH_SHAPE` ids. The
+# configurations: (name, label).
+SHARDED_BACKEND = "jax"
+SHARDED_DEVICES = 8
+SHARDED_XLA_FLAG = f"--xla_force_host_platform_device_count={SHARDED_DEVICES}"
+SHARDED_OUTPUT_DIM = 32
+SHARDED_BATCH_SHAPE = (256, 4)
+SHARDED_CONFIGS = (
+    ("keras_dense_adam", "keras.layers.Embedding, dense Adam"),
+    ("ours_row_sparse_adam", "ours, optimizer='adam' (row-sparse)"),
+)
+# The most a device may hold of a layer's table-sized variables, over their
+# total divided by the device count.
+SHARDED_TARGET = 1.1
 
 FULL = {
     # Plain lookups against the backend's own gather. The lookup case of the
@@ -171,6 +193,15 @@ FULL = {
     "decoding_prompt": 8,
     "decoding_length": 40,
     "decoding_reps": 5,
+    # Tables sharded by rows: per-device bytes of the table and its Adam
+    # moments, and ms per train_on_batch, on 1 to 8 devices. A 4M x 32
+    # float32 table is 512 MB; Keras's dense Adam holds it, its two moments
+    # and a dense gradient (about 2 GB). `sharded_fit_batches` batches of
+    # `model.fit` compile the step first.
+    "sharded_sizes": (1_000_000, 4_000_000),
+    "sharded_device_counts": (1, 2, 4, 8),
+    "sharded_fit_batches": 3,
+    "sharded_reps": 10,
 }
 
 QUICK = {
@@ -224,6 +255,11 @@ QUICK = {
     "decoding_prompt": 4,
     "decoding_length": 8,
     "decoding_reps": 2,
+    # One small vocabulary, one device against all of them.
+    "sharded_sizes": (100_000,),
+    "sharded_device_counts": (1, SHARDED_DEVICES),
+    "sharded_fit_batches": 2,
+    "sharded_reps": 3,
 }
 
 

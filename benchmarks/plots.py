@@ -20,6 +20,7 @@ from labels import (
     MEMORY_LABELS,
     PLOTTED_COMPILED_MODE,
     REVERSE_LABELS,
+    SHARDED_LABELS,
     TRAINING_LABELS,
     rows_label,
 )
@@ -271,7 +272,8 @@ def reverse_panel(axes, rows, title):
 def reverse_projection(results, path):
     """One column per backend: one decoding step at the largest size, eager
     on top, the backend's compiled call below; one legend for all panels."""
-    rows = [row for result in results.values() for row in result["reverse_projection"]]
+    # A backend whose run left the section out has no rows (an older JSON).
+    rows = [row for r in results.values() for row in r.get("reverse_projection", [])]
     size = max(row["input_dim"] for row in rows)
     figure, grid = plt.subplots(
         2, len(results), figsize=(5.5 * len(results), 9), squeeze=False
@@ -497,6 +499,89 @@ def lookup_after_training(results, path):
     )
 
 
+# The sharded section's configurations: colour, marker and its options
+# (Keras's hollow and larger: where both hold the same bytes, its marker
+# rings ours); its vocabulary sizes, smallest first: line styles.
+SHARDED_LINES = {
+    "keras_dense_adam": (KERAS, "s", {"markersize": 10, "fillstyle": "none"}),
+    "ours_row_sparse_adam": (OURS, "o", {"markersize": 5}),
+}
+SHARDED_STYLES = ("-", "--", ":")
+
+
+def sharded_tables(results, path):
+    """Tables sharded by rows (JAX): the bytes the busiest device holds of
+    the table and its Adam moments, with the ideal (their total over the
+    device count), and the time of a training step, against the device
+    count; one line per layer and vocabulary size."""
+    rows = [row for result in results.values() for row in result.get("sharded", [])]
+    sizes = sorted({row["input_dim"] for row in rows})
+    counts = sorted({row["devices"] for row in rows})
+    figure, (bytes_axes, time_axes) = plt.subplots(1, 2, figsize=(12, 5.5))
+    for index, size in enumerate(sizes):
+        style = SHARDED_STYLES[index % len(SHARDED_STYLES)]
+        ideal = {
+            row["devices"]: row["ideal_device_bytes"] / 2**20
+            for row in rows
+            if row["input_dim"] == size
+        }
+        # Wide and pale, under the measured lines, which it may hide.
+        bytes_axes.plot(
+            sorted(ideal),
+            [ideal[n] for n in sorted(ideal)],
+            style,
+            color=FLOOR,
+            linewidth=6,
+            alpha=0.35,
+            label=f"ideal: total / devices, {rows_label(size)} rows",
+        )
+        for config, (colour, marker, marker_options) in SHARDED_LINES.items():
+            points = sorted(
+                (row["devices"], row)
+                for row in rows
+                if row["input_dim"] == size and row["config"] == config
+            )
+            if not points:
+                continue
+            devices = [n for n, _ in points]
+            label = f"{SHARDED_LABELS[config]}, {rows_label(size)} rows"
+            options = {"color": colour, "marker": marker, "label": label}
+            options.update(marker_options)
+            per_device = [row["max_device_bytes"] / 2**20 for _, row in points]
+            bytes_axes.plot(devices, per_device, style, **options)
+            times = [row["step"]["median_ms"] for _, row in points]
+            time_axes.plot(devices, times, style, **options)
+    for axes, title, ylabel in (
+        (
+            bytes_axes,
+            "Bytes per device: table + Adam moments",
+            "most held by one device (MiB, log scale)",
+        ),
+        (
+            time_axes,
+            "One train_on_batch",
+            "median time per training step (ms, log scale)",
+        ),
+    ):
+        axes.set_title(title)
+        axes.set_xscale("log", base=2)
+        axes.set_xticks(counts)
+        axes.set_xticklabels([str(n) for n in counts])
+        axes.set_xticks([], minor=True)
+        axes.set_xlabel("devices (virtual CPU devices sharing the cores)")
+        axes.set_yscale("log")
+        plain_y_labels(axes)
+        axes.set_ylabel(ylabel)
+        axes.grid(True, which="major", alpha=0.3)
+    finish(
+        figure,
+        "Tables sharded by rows with keras.distribution (JAX, output_dim="
+        f"{rows[0]['output_dim']})",
+        path,
+        legend_columns=2,
+    )
+
+
 def finish(figure, title, path, legend_columns=None):
     """Titles, lays out and saves the figure. A figure whose first panel has
     no legend of its own gets one below its panels: every line once, in
@@ -549,6 +634,12 @@ FIGURES = {
         lookup_after_training,
         "Lookup time before and after one training step",
         "lookup_after_training",
+    ),
+    "sharded_tables": (
+        sharded_tables,
+        "Bytes per device and training-step time of tables sharded by rows, "
+        "against the device count",
+        "sharded",
     ),
     "memory": (memory, "Table bytes and peak memory of one forward pass", "memory"),
     "reverse_projection": (

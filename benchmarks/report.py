@@ -18,9 +18,12 @@ from labels import (
     LOOKUP_LAYER_LABELS,
     MEMORY_LABELS,
     REVERSE_LABELS,
+    SHARDED_COLUMNS,
+    SHARDED_LABELS,
     TRAINING_COLUMNS,
     TRAINING_LABELS,
     native_op,
+    rows_label,
 )
 
 # Below half the size of a table-sized temporary, a peak increase shows
@@ -764,6 +767,158 @@ table-sized temporary: {bags_memory_verdict(data)}.
 {not_measured(memory, "bags") or bags_memory_table(data)}"""
 
 
+def mib(value):
+    return f"{value / 2**20:.1f}"
+
+
+def sharded_size_table(rows):
+    """One vocabulary size: a row per device count, for each configuration
+    the bytes its busiest device holds, that over the ideal, and the median
+    step; then Keras's step time over ours."""
+    configs = [c for c in SHARDED_LABELS if any(r["config"] == c for r in rows)]
+    by_key = {(row["config"], row["devices"]): row for row in rows}
+    cells = []
+    for n in sorted({row["devices"] for row in rows}):
+        found = [by_key.get((config, n)) for config in configs]
+        ideals = dict.fromkeys(mib(r["ideal_device_bytes"]) for r in found if r)
+        line = [n, " / ".join(ideals)]
+        for row in found:
+            if row is None:
+                line += ["-", "-", "-"]
+                continue
+            ratio = number(row["over_ideal"], "x")
+            line += [
+                mib(row["max_device_bytes"]),
+                ratio if row["met"] else f"**{ratio}**",
+                milliseconds(row["step"]),
+            ]
+        keras_row, ours_row = (by_key.get((c, n)) for c in SHARDED_LABELS)
+        speedup = None
+        if keras_row and ours_row:
+            speedup = keras_row["step"]["median_ms"] / ours_row["step"]["median_ms"]
+        cells.append([*line, number(speedup, "x")])
+    header = ["devices", "ideal (MiB per device)"]
+    for config in configs:
+        name = SHARDED_COLUMNS[config]
+        header += [f"{name}: MiB per device", f"{name}: / ideal", f"{name} (ms)"]
+    header += ["keras Adam time / ours"]
+    return table(header, "r" * len(header), cells)
+
+
+def sharded_layout_cell(found):
+    """The specs of one variable and device count, `{(built, after
+    training): [sizes]}`: each pair once, with its sizes where they differ."""
+    cells = []
+    for (built, trained), sizes in found.items():
+        text = f"`{built}`" if built == trained else f"`{built}` -> `{trained}`"
+        if len(found) > 1:
+            text += f" ({', '.join(rows_label(size) for size in sizes)} rows)"
+        cells.append(text)
+    return "; ".join(cells)
+
+
+def sharded_layout_table(rows):
+    """Each table-sized variable's sharding spec per device count (one
+    spec where every size agrees; `built -> after training` where the steps
+    changed it)."""
+    specs = {}
+    for row in rows:
+        for variable in row["variables"]:
+            key = (row["config"], variable["path"])
+            pair = (variable["spec"], variable["spec_after_training"])
+            by_count = specs.setdefault(key, {}).setdefault(row["devices"], {})
+            by_count.setdefault(pair, []).append(row["input_dim"])
+    counts = sorted({row["devices"] for row in rows})
+    cells = [
+        [
+            SHARDED_COLUMNS[config],
+            f"`{path}`",
+            *(sharded_layout_cell(by_count.get(n, {})) or "-" for n in counts),
+        ]
+        for (config, path), by_count in specs.items()
+    ]
+    header = ["layer", "variable", *(f"{n} device{'s' * (n > 1)}" for n in counts)]
+    return table(header, "l" * len(header), cells)
+
+
+def and_list(items):
+    """`a, b and c`."""
+    items = list(items)
+    return " and ".join([", ".join(items[:-1]), items[-1]] if len(items) > 1 else items)
+
+
+def sharded_verdict(rows):
+    if not rows:
+        return "not measured"
+    return "met" if all(row["met"] for row in rows) else "**not met**"
+
+
+def sharded_sections(data, images):
+    rows = [row for _, row in backend_rows(data, "sharded")]
+    heading = "## Tables sharded by rows: keras.distribution on JAX"
+    if not rows:
+        return f"{heading}\n\n{not_measured(rows, 'sharded')}"
+    first = rows[0]
+    sizes = sorted({row["input_dim"] for row in rows})
+    counts = sorted({row["devices"] for row in rows})
+    batch = " x ".join(map(str, first["batch_shape"]))
+    tables = "\n\n".join(
+        f"### {size:,} rows\n\n"
+        + sharded_size_table([row for row in rows if row["input_dim"] == size])
+        for size in sizes
+    )
+    return f"""{heading}
+
+Tables of {and_list(f"{size:,}" for size in sizes)} rows,
+`output_dim={first["output_dim"]}` (float32), sharded by rows with
+`keras.distribution` over {and_list(map(str, counts))} of the 8 virtual CPU
+devices of one JAX process (`XLA_FLAGS=--xla_force_host_platform_device_count=8`): a
+`DeviceMesh((1, n), ["batch", "model"])`, a `LayoutMap` with the single rule
+`layout_map["tokens/embeddings"] = ("model", None)` (on purpose: no rule
+for Adam's moments) and `ModelParallel(layout_map=...,
+batch_dim_name="batch")`. The model is `Input((4,), int32) -> Embedding(V,
+{first["output_dim"]}, name="tokens") -> GlobalAveragePooling1D ->
+Dense(1)`, MSE, `{batch}` ids per batch (Zipf-distributed, scattered over
+the rows). "keras Adam": `keras.layers.Embedding`, the model compiled with
+`Adam(1e-3)`, whose moments Keras creates with the table's layout, and a
+dense gradient per step. "ours 'adam'":
+`keras_ext_embedding.Embedding(optimizer="adam")`, the model compiled with
+`SGD(1e-3)` (for the Dense layer): the layer lays out its moments
+(`tokens/embeddings_momentum`, `_velocity`) after the table and steps only
+the looked-up rows of the three.
+
+"MiB per device" is the most any device holds of the table-sized variables
+(the table and its two moments, for both layers): the bytes of their shards
+on it (`variable.value.addressable_shards`), after the timed steps (and
+checked at build too); "ideal" is their total bytes over the device count.
+Target: within {first["target"].removeprefix("<= ")} on every row:
+{sharded_verdict(rows)}. The times are medians of `train_on_batch` after
+`model.fit` compiled the step. The virtual devices share this machine's
+{data["machine"]["cores"]} cores: more devices split the memory, not the
+cores, and the step pays for the partitioned program's collectives, so the
+times show the cost of sharding on one host, not a speedup. A dense step
+updates every row: its work is split between the devices. A row-sparse step
+touches the batch's rows only, but each device goes through every id of the
+batch (gathering and updating the rows it holds, masking the others), so
+its time grows with the device count on shared cores.
+
+{figure(images, "sharded_tables")}
+
+{tables}
+
+### Layouts
+
+Each table-sized variable's `PartitionSpec` (`variable.value.sharding.spec`)
+once the model and its optimizer are built, the same after the timed steps
+unless an arrow shows the change. On one device a variable is whole: JAX
+places it with a `SingleDeviceSharding` (no spec), or, where Keras
+initialized it partitioned (a large variable), `P('model', None)` over a
+mesh of one device. `P('model',)` and `P('model', None)` are the same
+layout (JAX drops trailing `None`s): rows over the `model` axis.
+
+{sharded_layout_table(rows)}"""
+
+
 def memory_sections(data, images):
     memory = [entry for _, entry in backend_rows(data, "memory")]
     size = f"{memory[0]['input_dim']:,}" if memory else "-"
@@ -1064,6 +1219,15 @@ METHOD = """## How it is measured
   each timed step at 1M rows following an untimed one (as for training
   big tables). Peak memory is measured as below, one (backend,
   configuration) per fresh process in a full run.
+- **Sharded tables**: one JAX process (`XLA_FLAGS` gives it 8 virtual CPU
+  devices) measures every size, layer and device count in turn: the
+  distribution is set, the model built and compiled, its optimizer built
+  (`model.optimizer.build`), the shards of the table-sized variables
+  counted, then `model.fit` on a few batches compiles the step, one untimed
+  `train_on_batch` follows, then the timed ones (each returns the loss as a
+  Python float, after the step has finished) and the shards are counted
+  again; then the distribution is unset, the model deleted and
+  `keras.backend.clear_session()` and the garbage collector free it.
 - **Peak memory**: imports and first-call setup run on a small layer; then
   the layer is built directly in its dtype policy (an int4 layer with
   `int4/128_from_float32`: quantizing a float table first would leave
@@ -1114,6 +1278,7 @@ def markdown(data, images):
         speed_sections(data, images),
         training_sections(data, images),
         bags_sections(data),
+        sharded_sections(data, images),
         memory_sections(data, images),
         reverse_sections(data, images),
         METHOD,

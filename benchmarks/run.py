@@ -16,7 +16,14 @@ after a training step: an estimated 15 minutes. The `bags` section
 benchmarks `keras_ext_embedding.EmbeddingBag` on a DLRM-like batch of bags
 against keras-rs `EmbedReduce`, hand-written `keras.ops` and (PyTorch)
 `torch.nn.EmbeddingBag`: forward passes, training steps and peak memory at
-1M rows, about 15 minutes. The other sections take about 20 minutes.
+1M rows, about 15 minutes. The `sharded` section shards tables by rows with
+`keras.distribution` on JAX only, over 1 to 8 virtual CPU devices (a
+process of its own, with
+`XLA_FLAGS=--xla_force_host_platform_device_count=8`): the bytes per
+device of a table and its Adam moments, and the time of a training step,
+for Keras's layer with dense Adam and ours with `optimizer="adam"`, at 1M
+and 4M rows, about 1.5 minutes; a `--quick` run leaves it out unless
+`--sections` names it. The other sections take about 20 minutes.
 
     python benchmarks/run.py                      # full run, docs/, ~95 min
     python benchmarks/run.py --quick              # smoke run, a temporary dir
@@ -24,6 +31,7 @@ against keras-rs `EmbedReduce`, hand-written `keras.ops` and (PyTorch)
     python benchmarks/run.py --backends jax,torch --output-dir /tmp/bench
     python benchmarks/run.py --sections reverse_projection --output-dir /tmp/bench
     python benchmarks/run.py --quick --sections bags --output-dir /tmp/bench
+    python benchmarks/run.py --quick --sections sharded --output-dir /tmp/bench
     python benchmarks/run.py --from-json docs/benchmarks.json --output-dir docs
     python benchmarks/run.py --backends tensorflow --sections reverse_projection \
         --update docs/benchmarks.json             # remeasure, keep the rest
@@ -63,10 +71,13 @@ from plan import (
     LORA_RANK,
     MEMORY_CONFIGS,
     OUTPUT_DIM,
+    QUICK_OPT_IN,
     REVERSE_FORMATS,
     REVERSE_HIDDEN_SHAPES,
     REVERSE_OUTPUT_DIM,
     SECTIONS,
+    SHARDED_BACKEND,
+    SHARDED_XLA_FLAG,
     plan,
 )
 
@@ -78,9 +89,11 @@ BACKENDS = ("tensorflow", "jax", "torch")
 IMPLS = ("ours", "keras")
 
 
-def run_bench(backend, arguments):
-    """Runs bench_backend.py on a backend; returns its JSON result."""
+def run_bench(backend, arguments, extra_env=None):
+    """Runs bench_backend.py on a backend, with `extra_env` added to the
+    environment; returns its JSON result."""
     env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    env.update(extra_env or {})
     if backend == "torch":
         # With OpenMP's default wait policy, on this loaded 2-core machine
         # every multi-threaded PyTorch op at times waited for a worker thread
@@ -110,7 +123,7 @@ def run_bench(backend, arguments):
 
 
 def run_all(jobs, runs):
-    """Runs `(backend, arguments)` pairs, `jobs` at a time; returns their
+    """Runs `(backend, arguments[, extra_env])`, `jobs` at a time; returns their
     results in order. Timings run one at a time (`jobs=1`): processes running
     side by side on 2 cores would slow each other unevenly. The first
     failure cancels the runs not yet started."""
@@ -142,17 +155,35 @@ def memory_runs(backends, sections):
                     yield backend, ["--bags-memory", config]
 
 
+def sharded_env():
+    """The environment of the sharded section's process: 8 virtual CPU
+    devices (added to any `XLA_FLAGS` already set)."""
+    flags = f"{os.environ.get('XLA_FLAGS', '')} {SHARDED_XLA_FLAG}"
+    return {"XLA_FLAGS": flags.strip()}
+
+
 def timing_runs(args, backends, sections):
-    """`(backend, ["--sections", ...])`: a full run gives each section a
-    process of its own, so that what one section leaves behind (TensorFlow
-    keeps every traced custom gradient, and with it the tables it captured)
-    cannot starve the next; a quick run's tiny sizes share one process per
-    backend."""
-    if not sections:
-        return []
-    if args.quick:
-        return [(b, ["--quick", "--sections", ",".join(sections)]) for b in backends]
-    return [(b, ["--sections", section]) for b in backends for section in sections]
+    """`(backend, ["--sections", ...][, extra_env])`: a full run gives each
+    section a process of its own, so that what one section leaves behind
+    (TensorFlow keeps every traced custom gradient, and with it the tables
+    it captured) cannot starve the next; a quick run's tiny sizes share one
+    process per backend. The sharded section always has a process of its
+    own, on JAX only, with virtual devices."""
+    quick = ["--quick"] if args.quick else []
+    shared = [s for s in sections if s != "sharded"]
+    if not shared:
+        runs = []
+    elif args.quick:
+        runs = [(b, [*quick, "--sections", ",".join(shared)]) for b in backends]
+    else:
+        runs = [(b, ["--sections", section]) for b in backends for section in shared]
+    if "sharded" in sections:
+        if SHARDED_BACKEND in backends:
+            arguments = [*quick, "--sections", "sharded"]
+            runs.append((SHARDED_BACKEND, arguments, sharded_env()))
+        else:
+            print("sharded: not run, keras.distribution shards variables on JAX only")
+    return runs
 
 
 def merge(result, output):
@@ -178,7 +209,7 @@ def measure(args, backends, current):
         runs += memory
         outputs += run_all(args.jobs, memory)
     results = {backend: {"backend": backend, "memory": []} for backend in backends}
-    for (backend, _), output in zip(runs, outputs, strict=True):
+    for (backend, *_), output in zip(runs, outputs, strict=True):
         merge(results[backend], output)
     return results
 
@@ -258,6 +289,16 @@ def earlier_run(args):
     return previous
 
 
+def measured_backends(results):
+    """The backends some process measured something on (the sharded
+    section runs on JAX only)."""
+    return [
+        backend
+        for backend, result in results.items()
+        if any(value for name, value in result.items() if name != "backend")
+    ]
+
+
 def updated(previous, args, results, current, seconds):
     """`previous` (an earlier run's JSON document) with the sections just
     measured in `results` put in; a list this run left empty (a section it
@@ -280,7 +321,7 @@ def updated(previous, args, results, current, seconds):
             "cpu": here["cpu"],
             "cores": here["cores"],
             "duration_s": seconds,
-            "backends": args.backends,
+            "backends": measured_backends(results),
             "sections": args.sections,
         }
     )
@@ -301,7 +342,8 @@ def write_outputs(data, output_dir):
 def missed_targets(data):
     """`backend case mode variant` of every speed row that missed its target,
     then those of the reverse projection's rows and peak memory, and of the
-    bags section's forward and training rows."""
+    bags section's forward and training rows, and of the sharded section's
+    bytes per device."""
     missed = []
     for backend, result in data["results"].items():
         missed += [
@@ -331,6 +373,12 @@ def missed_targets(data):
             for row in result.get("bags_training", [])
             if row["met"] is False
         ]
+        missed += [
+            f"{backend} sharded {row['config']} {row['input_dim']:,} rows "
+            f"{row['devices']} devices bytes per device"
+            for row in result.get("sharded", [])
+            if row["met"] is False
+        ]
     return missed
 
 
@@ -356,8 +404,8 @@ def parse_args():
     )
     parser.add_argument(
         "--sections",
-        default=",".join(SECTIONS),
-        help=f"comma-separated subset of {','.join(SECTIONS)}",
+        help=f"comma-separated subset of {','.join(SECTIONS)} (default: all; "
+        f"--quick leaves out {','.join(QUICK_OPT_IN)})",
     )
     parser.add_argument(
         "--output-dir",
@@ -385,6 +433,9 @@ def parse_args():
     if args.update and args.from_json:
         parser.error("--update measures and --from-json does not: choose one")
     args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    if args.sections is None:
+        left_out = QUICK_OPT_IN if args.quick else ()
+        args.sections = ",".join(s for s in SECTIONS if s not in left_out)
     args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     for name, chosen, known in (
         ("backends", args.backends, BACKENDS),

@@ -28,6 +28,7 @@ import re
 import warnings
 
 import keras
+import numpy as np
 from keras import ops
 
 # What a dimension of a variable spans, rows first (the placement of a
@@ -66,6 +67,20 @@ def add_weight(layer, roles, follows=None, **kwargs):
         keras.distribution.set_distribution(distribution)
     _check_sharded(layer, variable, laying)
     return variable
+
+
+def assign(variable, value):
+    """`variable.assign(value)`, cast to the variable's dtype.
+
+    A host (NumPy) value for a sharded variable is laid out straight onto the
+    devices that hold its shards, each receiving its own slice: Keras's
+    `assign` would first make it one tensor, whole, on the default device (a
+    checkpoint's table, loaded; a replaced layer's table, carried over).
+    """
+    layout = layout_of(variable) if keras.config.backend() == "jax" else None
+    if isinstance(value, np.ndarray) and is_sharded(layout):
+        value = keras.distribution.distribute_tensor(value, layout)
+    variable.assign(ops.cast(value, variable.dtype))
 
 
 def layout_of(variable):

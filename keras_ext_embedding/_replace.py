@@ -21,6 +21,7 @@ import weakref
 
 import keras
 
+from keras_ext_embedding import _layout
 from keras_ext_embedding.embedding import Embedding
 from keras_ext_embedding.embedding_bag import EmbeddingBag
 from keras_ext_embedding.reversible_embedding import ReversibleEmbedding
@@ -264,7 +265,7 @@ def _copy_variables(source, target):
             f"the replacement's {names}."
         )
     for new, old in zip(weights, source.weights, strict=True):
-        new.assign(keras.ops.convert_to_numpy(old))
+        _layout.assign(new, keras.ops.convert_to_numpy(old))
 
 
 def _take_over_nodes(old, new):

@@ -32,6 +32,7 @@ uses the table's own step counter.
 import copy
 
 import keras
+import numpy as np
 from keras import ops
 
 from keras_ext_embedding import _layout, _runs, _step_guard
@@ -303,7 +304,7 @@ class RowSparseState:
         them: Keras's, or one saved without `optimizer=`)."""
         for slot, variable in zip(self.rule.slot_names, self.slots, strict=True):
             value = self.rule.slot_initial_value(slot)
-            variable.assign(ops.full(variable.shape, value, dtype="float32"))
+            _layout.assign(variable, np.full(variable.shape, value, dtype="float32"))
         self.iteration.assign(0.0)
 
     def assign_stored(self, arrays):
@@ -313,7 +314,7 @@ class RowSparseState:
             self.reset()
             return
         for variable, array in zip(self.variables(), arrays, strict=True):
-            variable.assign(array)
+            _layout.assign(variable, array)
 
     def remove(self):
         """Untracks the slots and step counter (LoRA merged away)."""

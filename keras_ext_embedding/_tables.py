@@ -298,8 +298,7 @@ class FloatTable(_Table):
         return [(self.placement.name("embeddings"), self.variable)]
 
     def assign_stored(self, arrays):
-        variable = self.variable
-        variable.assign(ops.cast(arrays[0], variable.dtype))
+        _layout.assign(self.variable, arrays[0])
 
     def assign_merged(self, arrays, lora_a, lora_b, lora_alpha):
         """Assigns a checkpoint's table with its LoRA adapters folded in
@@ -444,7 +443,7 @@ class _QuantizedTable(_Table):
 
     def assign_stored(self, arrays):
         for (_, variable), array in zip(self.stored(), arrays, strict=True):
-            variable.assign(ops.cast(array, variable.dtype))
+            _layout.assign(variable, array)
 
     def assign_merged(self, arrays, lora_a, lora_b, lora_alpha):
         """Assigns a checkpoint's quantized table, then folds its adapters in
@@ -472,7 +471,7 @@ class _QuantizedTable(_Table):
             name = FORWARD.name(role)
             if name in arrays:
                 variable = place.get(self.layer, role)
-                variable.assign(place.stored(arrays[name]).astype(variable.dtype))
+                _layout.assign(variable, place.stored(arrays[name]))
 
     def _roles(self):
         return ("embeddings", "scale")

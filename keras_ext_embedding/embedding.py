@@ -8,6 +8,7 @@ from keras import ops
 from keras_ext_embedding import (
     _checkpoint,
     _ids,
+    _layout,
     _lora,
     _quantization,
     _row_sparse,
@@ -743,8 +744,8 @@ class Embedding(keras.layers.Layer):
             )
         for table, base in zip(tables, bases, strict=True):
             table.assign_stored(base)
-        self.lora_embeddings_a.assign(lora_a)
-        self.lora_embeddings_b.assign(lora_b)
+        _layout.assign(self.lora_embeddings_a, lora_a)
+        _layout.assign(self.lora_embeddings_b, lora_b)
 
     def get_config(self):
         base_config = super().get_config()

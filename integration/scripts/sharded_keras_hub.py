@@ -23,6 +23,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import keras
 import keras_hub
 import numpy as np
+from sharded_variables import spec
 
 from keras_ext_embedding import replace_embeddings
 
@@ -70,13 +71,6 @@ def generate(model):
         {"token_ids": PROMPT_IDS, "padding_mask": PROMPT_MASK}, stop_token_ids=None
     )
     return np.asarray(outputs["token_ids"])
-
-
-def spec(variable):
-    axes = list(getattr(variable.value.sharding, "spec", ()))
-    while axes and axes[-1] is None:
-        axes.pop()
-    return str(tuple(axes))
 
 
 def main(out):
