@@ -92,7 +92,7 @@ SLOTS = {
 def expected_layouts(case):
     """Variable name -> sharding spec, for every variable of the case."""
     table = {"embeddings": ROWS}
-    if case.startswith(("int8", "untied_int8", "int4_per_row")):
+    if "int8" in case or "int4_per_row" in case:
         table["embeddings_scale"] = ROWS
     elif "int4_grouped" in case:
         table.update(embeddings_scale=ROWS, embeddings_zero=ROWS, g_idx=REPLICATED)
@@ -126,6 +126,7 @@ VARIABLE_CASES = (
     "int4_per_row",
     "int4_grouped",
     "tied",
+    "tied_int8",
     "untied",
     "untied_adam",
     "untied_int8",

@@ -56,6 +56,7 @@ CASES = {
     "int4_per_row": {"quantize": ("int4", PER_ROW)},
     "int4_grouped": {"quantize": ("int4", GROUPED)},
     "tied": {"reversible": True},
+    "tied_int8": {"reversible": True, "quantize": ("int8", None)},
     "untied": {"reversible": True, "tie_weights": False},
     "untied_adam": {"reversible": True, "tie_weights": False, "optimizer": "adam"},
     "untied_int8": {
