@@ -55,7 +55,7 @@ def add_weight(layer, roles, follows=None, **kwargs):
     distribution = keras.distribution.distribution()
     if distribution is None:
         return layer.add_weight(**kwargs)
-    derived = None if follows is None else _derived(distribution, roles, *follows)
+    derived = None if follows is None else _derived(roles, *follows)
     laying = _Laying(distribution, derived)
     kwargs["initializer"] = _ShardedInitializer(
         keras.initializers.get(kwargs.get("initializer")), laying
@@ -102,7 +102,7 @@ def is_sharded(layout):
     return any(axis is not None and sizes[axis] > 1 for axis in layout.axes)
 
 
-def _derived(distribution, roles, variable, variable_roles):
+def _derived(roles, variable, variable_roles):
     """The layout of a variable of `roles`, after `variable` (of
     `variable_roles`, or copied whole when `roles` is None)."""
     layout = layout_of(variable)
