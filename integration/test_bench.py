@@ -244,3 +244,28 @@ def test_update_refuses_a_json_of_the_other_kind(quick_run, tmp_path):
     assert done.returncode != 0
     assert "is from a --quick run; run with the same --quick setting" in done.stderr
     assert not (tmp_path / "benchmarks.json").exists()
+
+
+@pytest.mark.skipif("jax" not in BACKENDS, reason="keras.distribution shards on JAX")
+def test_quick_sharded_section_measures_each_device_count(tmp_path):
+    # Left out of a --quick run unless named: it starts a process of its own
+    # with 8 virtual devices.
+    args = ["--quick", "--sections", "sharded", "--backends", "jax"]
+    run_under("tensorflow", RUN, *args, "--output-dir", tmp_path, timeout=600)
+    results = json.loads((tmp_path / "benchmarks.json").read_text())["results"]
+    runs = results["jax"]["sharded"]
+    configs = {"keras_dense_adam", "ours_row_sparse_adam"}
+    assert {(r["config"], r["devices"]) for r in runs} == {
+        (config, n) for config in configs for n in (1, 8)
+    }
+    for run in runs:
+        # The table and both Adam moments, each device holding its share.
+        assert len(run["variables"]) == 3
+        assert run["over_ideal"] <= 1.1
+        assert run["step"]["median_ms"] > 0
+        if run["devices"] == 8:
+            assert all("'model'" in v["spec"] for v in run["variables"])
+    assert (
+        (tmp_path / "img" / "sharded_tables.png").read_bytes().startswith(PNG_SIGNATURE)
+    )
+    assert "## Tables sharded by rows" in (tmp_path / "benchmarks.md").read_text()
