@@ -177,8 +177,10 @@ def read_on_host(ids):
 
 def is_concrete(ids):
     """Whether `ids` hold values (eager), not a trace; reads none of them."""
+    # An empty slice: one op, whatever the ids' size or device.
+    probe = ids[:0] if len(ids.shape) else ops.reshape(ids, (-1,))[:0]
     try:
-        read_on_host(ops.reshape(ids, (-1,))[:0])
+        read_on_host(probe)
     except (TypeError, RuntimeError):
         return False
     return True
@@ -203,39 +205,46 @@ def eager_check(ids, input_dim, layer_name, locate=None):
     return True
 
 
-def valid_mask(ids, dtype, input_dim):
-    """Boolean tensor of the valid entries of `ids`, or None if all must be.
+def gather_index(ids, dtype, input_dim, checked=False):
+    """`(index, valid)`: integer gather indices, invalid entries pointing at
+    row 0, and the boolean mask of the valid entries (None when every id is
+    known to be valid: `checked` on the host, or bounded by the dtype).
 
-    Bounds that the dtype already guarantees are skipped (an unsigned id is
-    never negative; a uint8 id is always below input_dim=300), which also keeps
-    comparisons from overflowing a narrow dtype.
+    Integer ids are clipped into `[0, input_dim - 1]`, and an id is valid
+    where clipping left it unchanged: two ops, which an eager call
+    dispatches one by one (comparing with both bounds, combining and
+    selecting took four). A bound the dtype already guarantees is skipped
+    (an unsigned id is never negative; a uint8 id is always below
+    input_dim=300), which also keeps a bound from overflowing a narrow
+    dtype. Float ids must also be whole numbers.
     """
-    conditions = []
-    if dtype in FLOAT_EXACT_INTEGERS:
-        conditions.append(ops.equal(ids, ops.floor(ids)))
-        conditions.append(ops.greater_equal(ids, 0))
-        conditions.append(ops.less_equal(ids, input_dim - 1))
+    valid = None
+    if checked:
+        index = ids
+    elif dtype in FLOAT_EXACT_INTEGERS:
+        valid = ops.logical_and(
+            ops.equal(ids, ops.floor(ids)),
+            ops.logical_and(
+                ops.greater_equal(ids, 0), ops.less_equal(ids, input_dim - 1)
+            ),
+        )
+        index = ops.where(valid, ids, 0)
     else:
         info = np.iinfo(dtype)
-        if info.min < 0:
-            conditions.append(ops.greater_equal(ids, 0))
-        if info.max > input_dim - 1:
-            conditions.append(ops.less_equal(ids, input_dim - 1))
-    if not conditions:
-        return None
-    valid = conditions[0]
-    for condition in conditions[1:]:
-        valid = ops.logical_and(valid, condition)
-    return valid
-
-
-def gather_index(ids, dtype, valid, input_dim):
-    """Integer gather indices: invalid entries point at row 0."""
-    if valid is not None:
-        ids = ops.where(valid, ids, 0)
+        low, high = info.min < 0, info.max > input_dim - 1
+        if low and high:
+            index = ops.clip(ids, 0, input_dim - 1)
+        elif low:
+            index = ops.maximum(ids, 0)
+        elif high:
+            index = ops.minimum(ids, input_dim - 1)
+        else:
+            index = ids
+        if low or high:
+            valid = ops.equal(index, ids)
     if dtype not in ("int32", "int64"):
-        ids = ops.cast(ids, index_dtype(input_dim))
-    return ids
+        index = ops.cast(index, index_dtype(input_dim))
+    return index, valid
 
 
 def zero_invalid_rows(outputs, valid):
@@ -247,7 +256,8 @@ def zero_invalid_rows(outputs, valid):
     if keras.config.backend() == "tensorflow":
         # A TensorFlow graph runs the select over the whole output as its own
         # kernel (+35% on a 64x32x128 lookup); a cond on the small id mask
-        # skips it when every id is valid, the common case. XLA (JAX) fuses
-        # the select into the gather for free, where a cond would cost more.
+        # skips it when every id is valid, the common case (eagerly too: one
+        # reduction, where the select takes two ops). XLA (JAX) fuses the
+        # select into the gather for free, where a cond would cost more.
         return ops.cond(ops.all(valid), lambda: outputs, zeroed)
     return zeroed()

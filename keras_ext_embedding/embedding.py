@@ -848,11 +848,10 @@ class Embedding(keras.layers.Layer):
         checked = self.invalid_ids == "raise" and _ids.eager_check(
             ids, self.input_dim, self.name, locate
         )
-        valid = None if checked else _ids.valid_mask(ids, dtype, self.input_dim)
+        index, valid = _ids.gather_index(ids, dtype, self.input_dim, checked)
         counter = self._traced_invalid_ids
         if valid is not None and counter is not None and self.invalid_ids == "raise":
             counter.add(valid, training)
-        index = _ids.gather_index(ids, dtype, valid, self.input_dim)
         touched = self._touched(index, valid, kept)
         reader = _runs.RowReader(training, ids, checked, self._reads_table_whole())
         table_training = self._row_sparse_step(self._table_training, training)
