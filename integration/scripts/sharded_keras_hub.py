@@ -34,29 +34,25 @@ PROMPT_MASK[0, :4] = PROMPT_MASK[1, :3] = 1
 PROMPT_IDS = rng.integers(1, VOCAB, size=(2, 10)).astype("int32") * PROMPT_MASK
 
 
+# Heads divisible by the 4 devices of "model", as keras-hub's maps shard them.
+BACKBONE = dict(
+    vocabulary_size=VOCAB,
+    num_layers=2,
+    num_query_heads=4,
+    num_key_value_heads=4,
+    hidden_dim=HIDDEN,
+    intermediate_dim=64,
+)
+
+
 def gemma():
-    backbone = keras_hub.models.GemmaBackbone(
-        vocabulary_size=VOCAB,
-        num_layers=2,
-        num_query_heads=4,
-        num_key_value_heads=4,
-        hidden_dim=HIDDEN,
-        intermediate_dim=64,
-        head_dim=8,
-    )
+    backbone = keras_hub.models.GemmaBackbone(**BACKBONE, head_dim=8)
     return keras_hub.models.GemmaCausalLM(backbone=backbone, preprocessor=None)
 
 
 def llama():
-    backbone = keras_hub.models.LlamaBackbone(
-        vocabulary_size=VOCAB,
-        num_layers=2,
-        num_query_heads=4,
-        num_key_value_heads=4,
-        hidden_dim=HIDDEN,
-        intermediate_dim=64,
-        tie_word_embeddings=False,
-    )
+    # Untied: keras-hub's map has no rule for its `reverse_embeddings`.
+    backbone = keras_hub.models.LlamaBackbone(**BACKBONE, tie_word_embeddings=False)
     return keras_hub.models.LlamaCausalLM(backbone=backbone, preprocessor=None)
 
 
