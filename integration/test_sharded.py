@@ -27,15 +27,16 @@ DISTRIBUTIONS = ("data_parallel", "model_parallel")
 TOLERANCE = 1e-5
 
 
+def on_eight_devices(script, *args):
+    """Runs `script` under JAX with 8 virtual CPU devices."""
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    run_under("jax", script, *args, env=env)
+
+
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("sharded") / "report.json"
-    run_under(
-        "jax",
-        SCRIPTS / "sharded.py",
-        out,
-        env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
-    )
+    on_eight_devices(SCRIPTS / "sharded.py", out)
     return json.loads(out.read_text())
 
 
@@ -144,13 +145,7 @@ ROW_SPARSE = [
 def variables_report(tmp_path_factory):
     root = tmp_path_factory.mktemp("sharded_variables")
     out = root / "report.json"
-    run_under(
-        "jax",
-        SCRIPTS / "sharded_variables.py",
-        out,
-        root,
-        env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
-    )
+    on_eight_devices(SCRIPTS / "sharded_variables.py", out, root)
     return json.loads(out.read_text())
 
 
@@ -226,12 +221,7 @@ def test_sharded_checkpoint_loads_anywhere(variables_report, case, target):
 @pytest.fixture(scope="module")
 def hub_report(tmp_path_factory):
     out = tmp_path_factory.mktemp("sharded_hub") / "report.json"
-    run_under(
-        "jax",
-        SCRIPTS / "sharded_keras_hub.py",
-        out,
-        env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
-    )
+    on_eight_devices(SCRIPTS / "sharded_keras_hub.py", out)
     return json.loads(out.read_text())
 
 
