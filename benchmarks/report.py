@@ -25,6 +25,7 @@ from labels import (
     native_op,
     rows_label,
 )
+from plan import AS_FAST_AS_KERAS
 
 # Below half the size of a table-sized temporary, a peak increase shows
 # none was made.
@@ -192,6 +193,7 @@ by the model's Adam in both (TensorFlow: `jit_compile=False` / `True`)."""
 training step: TensorFlow `jit_compile=False` / `True`); "ours" there is
 `EmbeddingBag` on dense padded ids (see "Bags of ids")."""
     header = ["", *(BACKEND_TITLES[b] for b in backends)]
+    slower = slower_than_keras(data)
     return f"""## Headline
 
 Medians of this run; `64 x 32` ids, `output_dim=128`, LoRA rank 8.
@@ -204,7 +206,51 @@ layer: 1.0 means no overhead. The reverse-projection rows are of a tied
 decoding step (`8 x 512`); their floor is the table-first `keras.ops.matmul`
 of the float32 table with the hidden states.{training_note}
 
-{table(header, "l" * len(header), rows)}"""
+{table(header, "l" * len(header), rows)}
+
+{slower}"""
+
+
+def slower_than_keras(data):
+    """Every measured cell where ours took more than `AS_FAST_AS_KERAS`
+    times Keras's layer (a drop-in slower than what it replaces), listed
+    whether or not its row has a target: the speed table, the reverse
+    projection and greedy decoding."""
+    cells = []
+    for backend, row in backend_rows(data, "speed"):
+        case = f"{row['case']} ({row['input_dim']:,} rows)"
+        cells.append((backend, case, row["mode"], row["variant"], row["ratio"]))
+    for backend, row in backend_rows(data, "reverse_projection"):
+        case = (
+            f"reverse projection, {REVERSE_LABELS.get(row['format'], row['format'])}"
+            f" ({row['input_dim']:,} rows, {row['hidden']})"
+        )
+        cells.append((backend, case, row["mode"], None, row["ratio"]))
+    for backend, row in backend_rows(data, "decoding"):
+        case = (
+            f"greedy decoding, {DECODING_LABELS.get(row['format'], row['format'])}"
+            f" (vocabulary {row['vocab']:,})"
+        )
+        cells.append((backend, case, "generate", None, row["ratio"]))
+    slow = [cell for cell in cells if cell[-1] > AS_FAST_AS_KERAS]
+    intro = (
+        f"Cells slower than Keras's layer (ours / Keras time above "
+        f"{AS_FAST_AS_KERAS}, of {len(cells)} compared):"
+    )
+    if not slow:
+        return f"{intro} none."
+    rows = [
+        [
+            BACKEND_TITLES[backend],
+            case,
+            mode,
+            "" if variant is None else f"invalid_ids={variant!r}",
+            f"{ratio:.2f}",
+        ]
+        for backend, case, mode, variant, ratio in slow
+    ]
+    header = ["backend", "case", "mode", "ours", "ours/keras"]
+    return f"{intro}\n\n{table(header, 'llllr', rows)}"
 
 
 def speed_table(data):

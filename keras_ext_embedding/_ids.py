@@ -93,11 +93,18 @@ def _valid_on_host(ids, input_dim):
 
 
 def _all_valid_on_host(ids, input_dim):
-    """Fast check: True when every entry of a numpy ids array is valid."""
+    """Fast check: True when every entry of a numpy ids array is valid.
+
+    Integer ids take one reduction: read as unsigned integers of the same
+    width, a negative id becomes larger than any valid one, so the largest
+    value alone tells (`min` and `max` took twice as long).
+    """
     if ids.size == 0:
         return True
-    if ids.dtype.kind in "iu":
-        return bool(ids.min() >= 0 and ids.max() <= input_dim - 1)
+    if ids.dtype.kind == "i":
+        ids = ids.view(f"u{ids.dtype.itemsize}")
+    if ids.dtype.kind == "u":
+        return bool(ids.max() <= input_dim - 1)
     return bool(_valid_on_host(ids, input_dim).all())
 
 
@@ -156,16 +163,42 @@ def in_symbolic_scope():
         return scope.original_scope is not None
 
 
-def read_on_host(ids):
+@functools.cache
+def _devices_are_host():
+    """Whether ids that can be read are eager arrays in host memory, read
+    without a copy from a device: every device of the backend is the host's
+    CPU (TensorFlow, JAX; asked once a process).
+
+    Never on PyTorch: its traces read as eager tensors (the tracing of
+    `torch.onnx.export`, and torch.compile's tracing of NumPy calls), so a
+    read there would make the example ids' validity part of the graph (an
+    exported "zeros" model without its zeroing), or break torch.compile's
+    graph. Traced TensorFlow and JAX values cannot be read at all."""
+    if keras.config.backend() == "torch":
+        return False
+    try:
+        devices = keras.distribution.list_devices()
+    except (AttributeError, NotImplementedError, RuntimeError):
+        return False
+    return all(device.lower().startswith("cpu") for device in devices)
+
+
+def read_on_host(ids, copy=True):
     """The values of concrete ids as a NumPy array; raises for traced ids
-    and for placeholder values (`in_symbolic_scope`)."""
+    and for placeholder values (`in_symbolic_scope`). With `copy=False`,
+    also for ids that are not in host memory (on a GPU): reading those
+    copies them and waits for the device."""
     if in_symbolic_scope():
         raise TypeError("Placeholder values of a symbolic call are not read.")
+    if not copy and not _devices_are_host():
+        raise TypeError("Ids on an accelerator are not read without a copy.")
     try:
         # Zero-copy for host tensors of every backend: the common case.
         return np.asarray(ids)
     except (TypeError, RuntimeError):
-        pass  # a device tensor, one that needs grad, or a traced one
+        if not copy:
+            raise
+        # A device tensor, one that needs grad, or a traced one.
     with warnings.catch_warnings():
         # Keras's PyTorch backend converts with np.array(tensor), which
         # NumPy 2 warns about; the values are unaffected.
@@ -186,23 +219,32 @@ def is_concrete(ids):
     return True
 
 
-def eager_check(ids, input_dim, layer_name, locate=None):
-    """Checks ids whose values can be read; tells whether the check ran.
+def eager_check(ids, input_dim, layer_name, locate=None, strict=True):
+    """Checks ids whose values can be read; tells whether all are valid.
 
-    Returns True after checking concrete ids (raising `InvalidIdError` on the
-    first invalid one), and False for traced ids, whose values are unknown
-    until the compiled program runs.
+    Returns True when the ids are concrete and every one is valid: no op
+    then needs to check them on the device. An invalid one raises
+    `InvalidIdError` when `strict` (`invalid_ids="raise"`), and returns False
+    otherwise, leaving it to the device. Traced ids return False: their
+    values are unknown until the compiled program runs. When not `strict`
+    (`invalid_ids="zeros"`), only ids already in host memory are read (the
+    eager ids of a CPU): on a host one reduction in NumPy replaces the
+    device's clip, compare and select, which an eager call dispatches one by
+    one; ids on an accelerator would be copied to the host and waited for,
+    the cost that mode avoids.
     """
     try:
-        values = read_on_host(ids)
+        values = read_on_host(ids, copy=strict)
     except (TypeError, RuntimeError):
         # Traced values cannot be read: JAX raises a TypeError subclass
         # (TracerArrayConversionError), TensorFlow a RuntimeError subclass
         # (NotImplementedError) for symbolic tensors.
         return False
-    if not _all_valid_on_host(values, input_dim):
+    if _all_valid_on_host(values, input_dim):
+        return True
+    if strict:
         raise_first_invalid(values, input_dim, layer_name, locate)
-    return True
+    return False
 
 
 def gather_index(ids, dtype, input_dim, checked=False):

@@ -485,9 +485,11 @@ class _QuantizedTable(_Table):
 
     def _unpacked(self, values, dtype="int8"):
         """Stored int8 values as one `dtype` value per column."""
+        if keras.backend.standardize_dtype(values.dtype) == dtype:
+            return values  # an eager cast to the same dtype is still an op
         return ops.cast(values, dtype)
 
-    def _dequantize(self, values, scale):
+    def _dequantize(self, values, scale, halved=False):
         # One scale per row. The same bits on every backend: XLA (JAX,
         # TensorFlow with jit_compile) turns `values / scale` into `values *
         # (1 / scale)`, whose last bit can differ, so that product is what
@@ -495,10 +497,14 @@ class _QuantizedTable(_Table):
         # by powers of two is exact, and a literal `1 / scale` would become
         # TensorFlow's approximate Reciprocal op in a graph. `values * 0.5` is
         # also the cast to float32.
-        halves = ops.multiply(values, 0.5)
-        if len(scale.shape) < len(values.shape):
-            scale = ops.expand_dims(scale, -1)
-        return ops.multiply(halves, ops.divide(2.0, scale))
+        # `2 / scale` and the expansion run on the small tensor of scales;
+        # the rows see one multiplication (with the cast) and one product.
+        # `halved`: the values are already `values * 0.5`, float32.
+        halves = values if halved else ops.multiply(values, 0.5)
+        doubled = ops.divide(2.0, scale)
+        if len(doubled.shape) < len(values.shape):
+            doubled = ops.expand_dims(doubled, -1)
+        return ops.multiply(halves, doubled)
 
 
 class Int8Table(_QuantizedTable):
@@ -533,6 +539,31 @@ class Int4Table(_QuantizedTable):
 
     def _unpacked(self, values, dtype="int8"):
         return _quantization.unpack_int4(values, self.layer.output_dim, dtype)
+
+    def rows(self, index, reader=None):
+        """The dequantized rows at `index`: their bytes unpacked by one
+        gather from a table of nibbles or in int8 (`unpack_int4_float`),
+        except in a JAX trace, where XLA fuses the arithmetic of
+        `unpack_int4` better."""
+        if keras.config.backend() == "jax" and not (reader and reader.eager):
+            return super().rows(index, reader)
+        place = self.placement
+
+        def read(role):
+            return _gather_rows(place.get(self.layer, role), index)
+
+        values = _quantization.unpack_int4_float(
+            read("embeddings"),
+            self.layer.output_dim,
+            halved=self.block_size is None,
+            cache=bool(reader and reader.checked),
+        )
+        return self._dequantize_unpacked(values, read)
+
+    def _dequantize_unpacked(self, halves, read):
+        """Rows from their halved float32 values; `read(role)` gathers the
+        rows of a variable."""
+        return self._dequantize(halves, read("scale"), halved=True)
 
     def _chunked_logits(self, hidden, exact):
         """`hidden @ values^T` of the stored integers, chunk by chunk, the
@@ -757,6 +788,10 @@ class GroupedInt4Table(Int4Table):
         zero = ops.cast(read(place.get(self.layer, "zero")), "int8")
         return self._dequantize_groups(values, scale, zero)
 
+    def _dequantize_unpacked(self, values, read):
+        # float32 values less int8 zero points: exact, as in int8.
+        return self._dequantize_groups(values, read("scale"), read("zero"))
+
     def _dequantize_groups(self, values, scale, zero):
         """`(values - zero) * scale`, each column with its group's zero and
         scale. The zero point is subtracted in int8 (values and zero points
@@ -768,38 +803,43 @@ class GroupedInt4Table(Int4Table):
         )
         if groups == 1:
             centered = ops.subtract(values, zero)
-            return ops.multiply(ops.cast(centered, "float32"), scale)
+            return ops.multiply(_float32(centered), scale)
         if output_dim == groups * block_size:
             # Whole groups: broadcast each group's zero and scale over its
             # columns.
             leading = _quantization.leading_shape(values)
             grouped = ops.reshape(values, (*leading, groups, block_size))
             centered = ops.subtract(grouped, ops.expand_dims(zero, -1))
-            rows = ops.multiply(
-                ops.cast(centered, "float32"), ops.expand_dims(scale, -1)
-            )
+            rows = ops.multiply(_float32(centered), ops.expand_dims(scale, -1))
             return ops.reshape(rows, (*leading, output_dim))
         columns = _quantization.group_index(output_dim, block_size).astype("int32")
         centered = ops.subtract(values, ops.take(zero, columns, axis=-1))
-        return ops.multiply(
-            ops.cast(centered, "float32"), ops.take(scale, columns, axis=-1)
-        )
+        return ops.multiply(_float32(centered), ops.take(scale, columns, axis=-1))
+
+
+def _float32(values):
+    """`values` as float32, without an op when they are."""
+    if keras.backend.standardize_dtype(values.dtype) == "float32":
+        return values
+    return ops.cast(values, "float32")
 
 
 def _gather_rows(variable, index):
-    """`variable[index]` along the first axis.
+    """`variable[index]` along the first axis; for a per-row scale (1-D) on
+    PyTorch, with a trailing axis of 1 (`_dequantize` takes either).
 
-    On PyTorch a per-row scale (1-D) is gathered through its `(input_dim, 1)`
+    On PyTorch a per-row scale is gathered through its `(input_dim, 1)`
     view: Keras's PyTorch `take` of a 1-D tensor flattens the ids with
     `aten::ravel`, which PyTorch's ONNX export refuses, while a 2-D gather
-    exports as ONNX's Gather, and the view costs nothing there. Elsewhere
-    the view would be a copy of the scales on every eager call (JAX: 5x the
-    time of the gather), so the scales are gathered as they are.
+    exports as ONNX's Gather, and the view costs nothing there; the gathered
+    column is already the shape that scales the rows. Elsewhere the view
+    would be a copy of the scales on every eager call (JAX: 5x the time of
+    the gather), so the scales are gathered as they are.
     """
     if len(variable.shape) > 1 or keras.config.backend() != "torch":
         return ops.take(variable, index, axis=0)
     column = ops.expand_dims(ops.convert_to_tensor(variable), -1)
-    return ops.squeeze(ops.take(column, index, axis=0), -1)
+    return ops.take(column, index, axis=0)
 
 
 def quantized_table(layer, mode, config, placement=FORWARD):

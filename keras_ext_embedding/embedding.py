@@ -1,4 +1,5 @@
 import contextlib
+import functools
 import warnings
 
 import keras
@@ -27,6 +28,13 @@ INVALID_IDS_MODES = ("raise", "zeros")
 UNBUILT_EMBEDDINGS = "You must build the layer before accessing `embeddings`."
 
 
+@functools.cache
+def _with_float32(dtype):
+    """The dtype of `dtype` rows plus float32 LoRA rows (Keras's promotion,
+    asked once: it costs microseconds a call)."""
+    return keras.backend.result_type(dtype, "float32")
+
+
 @keras.saving.register_keras_serializable(package="keras_ext_embedding")
 class Embedding(keras.layers.Layer):
     """Turns nonnegative integers (indexes) into dense vectors of fixed size.
@@ -49,8 +57,10 @@ class Embedding(keras.layers.Layer):
       `fit` and `evaluate` raise `InvalidIdError` with the count at the end
       of the epoch or evaluation that met any, and `traced_invalid_ids`
       holds the count (after `predict`, or a step of one's own).
-      `invalid_ids="zeros"` asks for zeros always: no check, no count and
-      no device-to-host sync, for pipelines that validate ids upstream.
+      `invalid_ids="zeros"` asks for zeros always: no error, no count and
+      no device-to-host copy, for pipelines that validate ids upstream
+      (eager ids already in host memory are checked there, so that a batch
+      of valid ids costs only the gather).
     - Integer ids of any width are used as they are; float ids are accepted
       when they hold whole numbers (`keras.Input` defaults to float32), and
       refused when their dtype cannot hold every id below `input_dim` exactly.
@@ -350,7 +360,10 @@ class Embedding(keras.layers.Layer):
 
     @property
     def dtype_policy(self):
-        return keras.layers.Layer.dtype_policy.fget(self)
+        # Keras's getter, inline: torch.compile traces neither
+        # `Layer.dtype_policy.fget` nor `super().dtype_policy`, and broke
+        # the graph here.
+        return self._dtype_policy
 
     @dtype_policy.setter
     def dtype_policy(self, value):
@@ -845,8 +858,8 @@ class Embedding(keras.layers.Layer):
         position in the error (a bag and the position in it).
         """
         dtype = _ids.check_ids_dtype(ids.dtype, self.input_dim, self.name)
-        checked = self.invalid_ids == "raise" and _ids.eager_check(
-            ids, self.input_dim, self.name, locate
+        checked = _ids.eager_check(
+            ids, self.input_dim, self.name, locate, self.invalid_ids == "raise"
         )
         index, valid = _ids.gather_index(ids, dtype, self.input_dim, checked)
         counter = self._traced_invalid_ids
@@ -903,7 +916,7 @@ class Embedding(keras.layers.Layer):
         """The dtype of looked-up rows before the cast to the compute dtype."""
         if self._adapters is None:
             return self._table.row_dtype
-        return keras.backend.result_type(self._table.row_dtype, "float32")
+        return _with_float32(self._table.row_dtype)
 
     def _check_table_shape(self, table, what):
         _checkpoint.check_shape(

@@ -656,3 +656,110 @@ def test_zeros_mode_fit_never_raises_and_stays_finite():
     after = table_of(layer)
     assert np.isfinite(after).all()
     np.testing.assert_array_equal(after[0], before[0])  # only invalid ids read 0
+
+
+def _refuse(name):
+    def refused(*args, **kwargs):
+        raise AssertionError(f"ops.{name} was dispatched")
+
+    return refused
+
+
+DEVICE_CHECK_OPS = ("clip", "minimum", "maximum", "equal", "where", "logical_and")
+
+
+@pytest.mark.skipif(
+    BACKEND == "torch", reason="PyTorch's traces read as eager tensors: no read"
+)
+def test_zeros_mode_checks_host_ids_on_the_host(monkeypatch):
+    # Eager ids in host memory (a CPU's) are read without a copy: valid ones
+    # need none of the device's clip, compare and select, which an eager
+    # call dispatches one by one.
+    layer = Embedding(10, 3, invalid_ids="zeros")
+    layer.build()
+    ids = ops.convert_to_tensor(np.array([[0, 9], [4, 4]], dtype="int32"))
+    for name in DEVICE_CHECK_OPS:
+        monkeypatch.setattr(ops, name, _refuse(name))
+    expected = table_of(layer)[[[0, 9], [4, 4]]]
+    np.testing.assert_array_equal(to_numpy(layer(ids)), expected)
+    monkeypatch.undo()
+    # An invalid id among them is left to the device, which zeroes its row.
+    out = to_numpy(layer(ops.convert_to_tensor(BAD_IDS)))
+    np.testing.assert_array_equal(out, expected_with_zeros(layer))
+
+
+def test_zeros_mode_never_copies_ids_from_an_accelerator(monkeypatch):
+    # Where the backend's devices are not the host's CPU, "zeros" reads no
+    # ids (a copy and a wait for the device): the device checks them. On
+    # PyTorch never (a trace reads as an eager tensor), on this CPU too.
+    from keras_ext_embedding import _ids
+
+    layer = Embedding(10, 3, invalid_ids="zeros")
+    layer.build()
+    if BACKEND != "torch":
+        monkeypatch.setattr(_ids, "_devices_are_host", lambda: False)
+
+    def unread(*args):
+        raise AssertionError("the ids were read on the host")
+
+    # Ids read on the host are checked there: neither check may run.
+    monkeypatch.setattr(_ids, "_all_valid_on_host", unread)
+    monkeypatch.setattr(_ids, "raise_first_invalid", unread)
+    out = layer(ops.convert_to_tensor(BAD_IDS))
+    monkeypatch.undo()
+    np.testing.assert_array_equal(to_numpy(out), expected_with_zeros(layer))
+
+
+@pytest.mark.parametrize("dtype", ["int8", "int16", "int32", "int64", "uint8"])
+def test_the_host_check_finds_negative_and_large_ids(dtype):
+    from keras_ext_embedding import _ids
+
+    info = np.iinfo(dtype)
+    for bad in {info.min, -1, 100, info.max} - set(range(0, 100)):
+        if not info.min <= bad <= info.max:
+            continue
+        ids = np.array([[3, bad], [0, 99]], dtype=dtype)
+        # NumPy ids: JAX without x64 would narrow int64 ones to int32.
+        assert not _ids.eager_check(ids, 100, "x", strict=False)
+        with pytest.raises(InvalidIdError, match=f"invalid id {bad} at position"):
+            _ids.eager_check(ids, 100, "x")
+    valid = np.array([[3, 0], [0, 99]], dtype=dtype)
+    assert _ids.eager_check(valid, 100, "x")
+    # Not strict ("zeros"), valid ids are read only where that is safe: on
+    # this CPU, except on PyTorch (its traces read as eager tensors).
+    read = BACKEND != "torch"
+    assert _ids.eager_check(valid, 100, "x", strict=False) is read
+    assert (
+        _ids.eager_check(ops.convert_to_tensor(valid), 100, "x", strict=False) is read
+    )
+
+
+@pytest.mark.skipif(BACKEND != "torch", reason="torch.compile is PyTorch's")
+@pytest.mark.parametrize(
+    "mode, quantize, lora, breaks",
+    [("raise", None, False, 1), ("zeros", "int4", True, 0)],
+)
+def test_torch_compile_breaks_the_graph_only_to_read_the_ids(
+    mode, quantize, lora, breaks
+):
+    # "raise" breaks the graph once, where Keras's layer does not: to check
+    # the ids on the host (and raise at an invalid one). Nothing else of the
+    # layer (its properties, its dtype policy, int4's unpacking, LoRA) leaves
+    # the graph, and "zeros" reads no id on PyTorch: no break at all.
+    import torch
+
+    layer = Embedding(10, 4, invalid_ids=mode)
+    layer.build()
+    if quantize:
+        layer.quantize(quantize)
+    if lora:
+        layer.enable_lora(2)
+    ids = ops.convert_to_tensor(np.array([[1, 2], [3, 9]], dtype="int32"))
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(lambda ids: layer(ids))(ids)
+    reasons = explained.break_reasons
+    assert explained.graph_break_count == breaks, [r.reason for r in reasons]
+    for reason in reasons:
+        frames = [(frame.filename, frame.name) for frame in reason.user_stack]
+        assert frames[-1][0].endswith("_ids.py"), frames
+        assert any(name == "eager_check" for _, name in frames), frames
