@@ -1206,6 +1206,40 @@ METHOD = """## How it is measured
   graph breaks in Keras's `Layer.__call__` make the compiled call slower
   than eager for both layers; Keras itself does not compile on PyTorch by
   default.
+- **Where ours is slower than Keras's layer** (every such cell is listed
+  under the headline), the op that costs it:
+  - *Eager lookups*: ours dispatches the one op Keras's does (the gather),
+    after one NumPy reduction over the ids on the host (the check: signed
+    ids read as unsigned, so a negative id is larger than any valid one)
+    and the layer's own Python; "zeros" on TensorFlow and JAX checks the
+    ids the same way when they are in host memory. What remains is the
+    Python of the call, tens of microseconds.
+  - *"zeros" on eager PyTorch*: the device's clip, compare and select, the
+    select a pass over the looked-up rows. PyTorch's traces
+    (`torch.onnx.export`, torch.compile) read as eager tensors, so reading
+    the ids on the host would make the example ids' validity part of an
+    exported model. The fastest public configuration on eager PyTorch is
+    the default, `invalid_ids="raise"`.
+  - *int8, eager*: one more small op than Keras's: `2 / scale` on the
+    gathered scales, then a product, where Keras divides the rows. XLA turns
+    Keras's division into that product, and the same bits on every backend
+    and mode need the same form everywhere.
+  - *int4 with LoRA against Keras's int8 with LoRA, eager*: the unpacking
+    of the gathered bytes into their two nibbles, which int8 does not need:
+    one gather from a 256-row table of nibbles on TensorFlow and JAX; on
+    PyTorch, whose Keras `take` widens and wraps every index, five int8 ops,
+    a stack and a cast, the form its ONNX export translates exactly.
+  - *int4 under XLA* (`jax.jit`, `jit_compile=True`): the unpacking's
+    arithmetic, which XLA fuses but Keras's int8 does not need; Keras's own
+    int4 layer unpacks the whole table, which XLA moves after the gather. A
+    TensorFlow trace on a machine without an accelerator unpacks by the
+    table of nibbles (faster in a graph without XLA, Keras's default on a
+    CPU), which XLA runs slower than the arithmetic: on a CPU,
+    `jit_compile=True` is the slower choice for int4 tables.
+  - *torch.compile, `invalid_ids="raise"`*: one graph break, to read the
+    ids on the host and raise at an invalid one; no public Keras API tells a
+    layer that torch.compile traces it. "zeros" reads no id on PyTorch and
+    compiles into one graph, as Keras's layer.
 - **lookup / plain lookup**: no LoRA; ours (`invalid_ids` "raise" and
   "zeros"), Keras's and the native op timed together, in rotating order. The
   native op gathers from its own copy of the table (a `tf.Variable` on

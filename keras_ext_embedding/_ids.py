@@ -163,7 +163,6 @@ def in_symbolic_scope():
         return scope.original_scope is not None
 
 
-@functools.cache
 def _devices_are_host():
     """Whether ids that can be read are eager arrays in host memory, read
     without a copy from a device: every device of the backend is the host's
@@ -174,8 +173,13 @@ def _devices_are_host():
     read there would make the example ids' validity part of the graph (an
     exported "zeros" model without its zeroing), or break torch.compile's
     graph. Traced TensorFlow and JAX values cannot be read at all."""
-    if keras.config.backend() == "torch":
-        return False
+    return keras.config.backend() != "torch" and cpu_only()
+
+
+@functools.cache
+def cpu_only():
+    """Whether every device the backend lists is a CPU (False where it lists
+    none: Keras's PyTorch backend); asked once a process."""
     try:
         devices = keras.distribution.list_devices()
     except (AttributeError, NotImplementedError, RuntimeError):

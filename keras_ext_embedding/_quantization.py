@@ -241,9 +241,10 @@ def unpack_int4_float(packed, output_dim, halved=False, cache=False):
     repeated and shifted in int8 took 0.7x the time, but the export turns a
     right shift into a division rounding toward zero). XLA fuses the
     arithmetic better (jax.jit 1.3x, TensorFlow's jit_compile 2x faster than
-    the gather): a JAX trace unpacks with `unpack_int4`. `cache`: the caller
-    is eager, and the tensors of the constants are made once per backend (a
-    tensor made in a trace belongs to it).
+    the gather): a JAX trace, and a TensorFlow one beside an accelerator
+    (where Keras compiles with XLA by default), unpack with `unpack_int4`.
+    `cache`: the caller is eager, and the tensors of the constants are made
+    once per backend (a tensor made in a trace belongs to it).
     """
     backend = keras.config.backend()
     width = 2 * packed.shape[-1]

@@ -543,9 +543,13 @@ class Int4Table(_QuantizedTable):
     def rows(self, index, reader=None):
         """The dequantized rows at `index`: their bytes unpacked by one
         gather from a table of nibbles or in int8 (`unpack_int4_float`),
-        except in a JAX trace, where XLA fuses the arithmetic of
-        `unpack_int4` better."""
-        if keras.config.backend() == "jax" and not (reader and reader.eager):
+        except where XLA likely compiles the trace, which fuses the
+        arithmetic of `unpack_int4` better: a JAX trace, and a TensorFlow
+        trace beside an accelerator (Keras compiles `fit` and `predict` with
+        XLA there by default, without it on a CPU)."""
+        backend = keras.config.backend()
+        xla = backend == "jax" or (backend == "tensorflow" and not _ids.cpu_only())
+        if xla and not (reader and reader.eager):
             return super().rows(index, reader)
         place = self.placement
 

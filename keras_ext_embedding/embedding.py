@@ -59,8 +59,8 @@ class Embedding(keras.layers.Layer):
       holds the count (after `predict`, or a step of one's own).
       `invalid_ids="zeros"` asks for zeros always: no error, no count and
       no device-to-host copy, for pipelines that validate ids upstream
-      (eager ids already in host memory are checked there, so that a batch
-      of valid ids costs only the gather).
+      (on TensorFlow and JAX, eager ids already in host memory are checked
+      there, so that a batch of valid ids costs only the gather).
     - Integer ids of any width are used as they are; float ids are accepted
       when they hold whole numbers (`keras.Input` defaults to float32), and
       refused when their dtype cannot hold every id below `input_dim` exactly.
