@@ -28,6 +28,7 @@ CPU devices (`XLA_FLAGS` as above; run.py starts it so).
 """
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -265,6 +266,11 @@ def main():
     )
     args = parser.parse_args()
     keras.utils.set_random_seed(SEED)
+    # Keras's `Layer.__delattr__` collects garbage after deleting a variable
+    # (every `quantize` does): the imports' objects (TensorFlow, JAX, PyTorch)
+    # are left out of those collections, and of `release_memory`'s.
+    gc.collect()
+    gc.freeze()
     if args.memory:
         measurements = [m.split(":") for m in args.memory.split(",")]
         entries = memory(plan(args.quick), measurements)
