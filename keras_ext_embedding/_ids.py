@@ -237,6 +237,8 @@ def eager_check(ids, input_dim, layer_name, locate=None, strict=True):
     one; ids on an accelerator would be copied to the host and waited for,
     the cost that mode avoids.
     """
+    if not strict and not _devices_are_host():
+        return False  # decided once a process: no read, no exception
     try:
         values = read_on_host(ids, copy=strict)
     except (TypeError, RuntimeError):
