@@ -190,12 +190,9 @@ def cpu_only():
 def read_on_host(ids, copy=True):
     """The values of concrete ids as a NumPy array; raises for traced ids
     and for placeholder values (`in_symbolic_scope`). With `copy=False`,
-    also for ids that are not in host memory (on a GPU): reading those
-    copies them and waits for the device."""
+    also for ids NumPy cannot view without a copy (a device tensor)."""
     if in_symbolic_scope():
         raise TypeError("Placeholder values of a symbolic call are not read.")
-    if not copy and not _devices_are_host():
-        raise TypeError("Ids on an accelerator are not read without a copy.")
     try:
         # Zero-copy for host tensors of every backend: the common case.
         return np.asarray(ids)

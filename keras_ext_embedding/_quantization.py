@@ -208,23 +208,19 @@ def _nibble_values():
 # The nibbles, and halved: the values a per-row dequantization multiplies
 # first (`_tables._QuantizedTable._dequantize`).
 NIBBLE_TABLES = {False: _nibble_values(), True: 0.5 * _nibble_values()}
-_constants = {}
+_nibble_tensors = {}
 
 
-def _nibble_table(halved):
-    return (ops.convert_to_tensor(NIBBLE_TABLES[halved]),)
-
-
-def _constant(key, cache, make, *args):
-    """The tensors `make(*args)` returns; made once per backend when
+def _nibble_tensor(halved, cache):
+    """`NIBBLE_TABLES[halved]` as a tensor; made once per backend when
     `cache` (the caller is eager: a tensor made in a trace belongs to it)."""
-    key = (keras.config.backend(), *key)
-    if cache and key in _constants:
-        return _constants[key]
-    tensors = make(*args)
+    key = (keras.config.backend(), halved)
+    if cache and key in _nibble_tensors:
+        return _nibble_tensors[key]
+    table = ops.convert_to_tensor(NIBBLE_TABLES[halved])
     if cache:
-        _constants[key] = tensors
-    return tensors
+        _nibble_tensors[key] = table
+    return table
 
 
 def unpack_int4_float(packed, output_dim, halved=False, cache=False):
@@ -243,8 +239,7 @@ def unpack_int4_float(packed, output_dim, halved=False, cache=False):
     arithmetic better (jax.jit 1.3x, TensorFlow's jit_compile 2x faster than
     the gather): a JAX trace, and a TensorFlow one beside an accelerator
     (where Keras compiles with XLA by default), unpack with `unpack_int4`.
-    `cache`: the caller is eager, and the tensors of the constants are made
-    once per backend (a tensor made in a trace belongs to it).
+    `cache`: the caller is eager (`_nibble_tensor`).
     """
     backend = keras.config.backend()
     width = 2 * packed.shape[-1]
@@ -262,8 +257,7 @@ def unpack_int4_float(packed, output_dim, halved=False, cache=False):
         else:
             # tf.gather takes no int8 index; Keras's take wraps a negative.
             index = ops.cast(packed, "int32")
-        (table,) = _constant(("nibbles", halved), cache, _nibble_table, halved)
-        pairs = ops.take(table, index, axis=0)
+        pairs = ops.take(_nibble_tensor(halved, cache), index, axis=0)
         values = ops.reshape(pairs, (*leading_shape(packed), width))
     if width != output_dim:
         values = values[..., :output_dim]

@@ -485,9 +485,7 @@ class _QuantizedTable(_Table):
 
     def _unpacked(self, values, dtype="int8"):
         """Stored int8 values as one `dtype` value per column."""
-        if keras.backend.standardize_dtype(values.dtype) == dtype:
-            return values  # an eager cast to the same dtype is still an op
-        return ops.cast(values, dtype)
+        return _cast(values, dtype)
 
     def _dequantize(self, values, scale, halved=False):
         # One scale per row. The same bits on every backend: XLA (JAX,
@@ -807,25 +805,27 @@ class GroupedInt4Table(Int4Table):
         )
         if groups == 1:
             centered = ops.subtract(values, zero)
-            return ops.multiply(_float32(centered), scale)
+            return ops.multiply(_cast(centered, "float32"), scale)
         if output_dim == groups * block_size:
             # Whole groups: broadcast each group's zero and scale over its
             # columns.
             leading = _quantization.leading_shape(values)
             grouped = ops.reshape(values, (*leading, groups, block_size))
             centered = ops.subtract(grouped, ops.expand_dims(zero, -1))
-            rows = ops.multiply(_float32(centered), ops.expand_dims(scale, -1))
+            rows = ops.multiply(_cast(centered, "float32"), ops.expand_dims(scale, -1))
             return ops.reshape(rows, (*leading, output_dim))
         columns = _quantization.group_index(output_dim, block_size).astype("int32")
         centered = ops.subtract(values, ops.take(zero, columns, axis=-1))
-        return ops.multiply(_float32(centered), ops.take(scale, columns, axis=-1))
+        scale = ops.take(scale, columns, axis=-1)
+        return ops.multiply(_cast(centered, "float32"), scale)
 
 
-def _float32(values):
-    """`values` as float32, without an op when they are."""
-    if keras.backend.standardize_dtype(values.dtype) == "float32":
+def _cast(values, dtype):
+    """`values` as `dtype`, without an op when they are (an eager cast to
+    the same dtype is still dispatched)."""
+    if keras.backend.standardize_dtype(values.dtype) == dtype:
         return values
-    return ops.cast(values, "float32")
+    return ops.cast(values, dtype)
 
 
 def _gather_rows(variable, index):
