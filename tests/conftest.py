@@ -56,6 +56,11 @@ def clean_state():
     # First: clear_session also forgets the dtype policy and the Keras seed.
     # No gc.collect() per test (free_memory=False): it costs ~1s on PyTorch.
     keras.backend.clear_session(free_memory=False)
+    # What the earlier tests left is collected, and what is still alive
+    # (the backends' caches, module fixtures) frozen with the imports: the
+    # collections Keras runs inside the test scan this test's objects only.
+    gc.collect()
+    gc.freeze()
     keras.config.set_dtype_policy("float32")
     keras.utils.set_random_seed(SEED)
     yield
