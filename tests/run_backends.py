@@ -1,4 +1,4 @@
-"""Runs the unit suite once per backend, then `integration/`, one process each.
+"""Runs the unit suite once per backend, and `integration/` as two suites.
 
     python tests/run_backends.py                      # all three backends
     python tests/run_backends.py jax torch            # these backends only
@@ -21,16 +21,24 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 BACKENDS = ("tensorflow", "jax", "torch")
+ROOT = Path(__file__).resolve().parents[1]
+# The integration tests run as two suites side by side: those that run whole
+# programs (`make bench --quick`, the examples of `make demo`), and the rest
+# (every other module, whatever its name), which save, load and export
+# models. Each alone took about half the time of one suite.
+PROGRAMS = ("test_bench.py", "test_demo.py")
 SUMMARY = re.compile(r"^=* ?(\d+ (?:passed|failed|error|skipped).*?) in [\d.]+s", re.M)
 # pytest's `--durations` table: its header, then one line per test phase.
 SLOWEST = re.compile(r"^=+ slowest \d+ durations =+\n((?:[\d.]+s .*\n)+)", re.M)
 # Longest first, so that the last suite to start is a short one: integration,
 # then the unit suites by their usual length.
-DURATION_ORDER = ("integration", "jax", "tensorflow", "torch")
+DURATION_ORDER = ("integration", "jax", "programs", "tensorflow", "torch")
 
 
 def run(label, backend, paths, env=None, durations=0):
@@ -44,7 +52,7 @@ def run(label, backend, paths, env=None, durations=0):
     if durations:
         command += [f"--durations={durations}", "--durations-min=1"]
     start = time.monotonic()
-    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True)
     seconds = time.monotonic() - start
     output = done.stdout + done.stderr
     summaries = SUMMARY.findall(output)
@@ -102,18 +110,34 @@ def suites(args):
         for b in args.backends:
             selected[b] = (f"unit[{b}]", b, ["tests"], None)
     if args.only != "unit":
-        # The integration tests start a process per backend themselves; this
-        # one never imports keras.
-        label = "integration"
+        # The integration tests start a process per backend themselves; these
+        # never import keras. Their JAX processes share one compilation cache
+        # (integration/processes.py), removed when the run ends.
+        suffix = ""
         if args.backends != list(BACKENDS):
-            label += f"[{','.join(args.backends)}]"
-        env = {"INTEGRATION_BACKENDS": " ".join(args.backends)}
-        selected["integration"] = (label, "tensorflow", ["integration"], env)
+            suffix = f"[{','.join(args.backends)}]"
+        env = {
+            "INTEGRATION_BACKENDS": " ".join(args.backends),
+            "JAX_COMPILATION_CACHE_DIR": args.jax_cache,
+        }
+        programs = [f"integration/{name}" for name in PROGRAMS]
+        rest = [
+            f"integration/{path.name}"
+            for path in sorted((ROOT / "integration").glob("test_*.py"))
+            if path.name not in PROGRAMS
+        ]
+        selected["integration"] = (f"integration{suffix}", "tensorflow", rest, env)
+        selected["programs"] = (f"bench+demos{suffix}", "tensorflow", programs, env)
     return [selected[name] for name in DURATION_ORDER if name in selected]
 
 
 def main():
     args = parse_args()
+    with tempfile.TemporaryDirectory(prefix="jax-cache-") as args.jax_cache:
+        return run_suites(args)
+
+
+def run_suites(args):
     runs = suites(args)
     with ThreadPoolExecutor(min(args.jobs, len(runs))) as pool:
         results = list(
