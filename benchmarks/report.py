@@ -1240,6 +1240,14 @@ METHOD = """## How it is measured
     ids on the host and raise at an invalid one; no public Keras API tells a
     layer that torch.compile traces it. "zeros" reads no id on PyTorch and
     compiles into one graph, as Keras's layer.
+  - *Reverse projection of a prompt* (prefill, 256 hidden states): ours
+    reads the table in vocabulary chunks, each widened to float32 (int8:
+    for the exact integer product; int4: unpacked), and never holds the
+    float table that Keras's int8 and int4 calls build (the memory rows
+    above). Keras's int8 x int8 product compiles to XLA's integer dot,
+    faster than float32 GEMMs on a compute-bound prompt; a decoding step
+    (8 hidden states) is faster with ours. A one-state step under
+    `jax.jit` takes Keras's form (docs/guides/language_models.md).
 - **lookup / plain lookup**: no LoRA; ours (`invalid_ids` "raise" and
   "zeros"), Keras's and the native op timed together, in rotating order. The
   native op gathers from its own copy of the table (a `tf.Variable` on
