@@ -42,6 +42,7 @@ import peak_memory
 import quantized
 import reverse_projection
 import sharded
+import timing
 import training
 import vocab_scaling
 from plan import (
@@ -265,6 +266,7 @@ def main():
         + ", ".join(config for config, _ in BAGS_MEMORY_CONFIGS),
     )
     args = parser.parse_args()
+    timing.RELEASE_MEMORY = not args.quick
     keras.utils.set_random_seed(SEED)
     # Keras's `Layer.__delattr__` collects garbage after deleting a variable
     # (every `quantize` does): the imports' objects (TensorFlow, JAX, PyTorch)

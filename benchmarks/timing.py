@@ -39,6 +39,13 @@ def block(outputs):
     return outputs
 
 
+# False in a `--quick` run (bench_backend.py): its tiny cases free little, and
+# each full collection scanned all that the run had built, 0.2-0.3 s a call
+# (a quick PyTorch run: 60 s of CPU with them, 29 without; TensorFlow 78 and
+# 58). Its memory figures mean little anyway.
+RELEASE_MEMORY = True
+
+
 def release_memory():
     """Collects garbage, then hands freed heap back to the OS.
 
@@ -46,6 +53,8 @@ def release_memory():
     process stayed 4 GiB larger, and the next case's peak added to it (19 GiB
     for the 4M cases of the scaling section, 15 GiB with the trim).
     """
+    if not RELEASE_MEMORY:
+        return
     gc.collect()
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
