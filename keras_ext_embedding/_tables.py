@@ -665,15 +665,15 @@ class GroupedInt4Table(Int4Table):
         tokens = _projection.static_rows(hidden)
         groups, block_size = self.groups, self.block_size
         whole_groups = self.layer.output_dim == groups * block_size
-        if (
-            keras.config.backend() == "jax"
-            and whole_groups
-            and _projection.one_traced_state(hidden)
-        ):
+        # Probed once: an eager probe is an op.
+        concrete = _ids.is_concrete(hidden)
+        # One traced state (`_projection.one_traced_state`) on JAX.
+        jax = keras.config.backend() == "jax"
+        if jax and whole_groups and tokens == 1 and not concrete:
             return self._decoding_step_logits(hidden)
         if (
             tokens is None
-            or not _ids.is_concrete(hidden)
+            or not concrete
             or tokens * groups > self.layer.output_dim
             or block_size % 2
             or not whole_groups
