@@ -9,15 +9,22 @@ def pytest_report_header():
 
 
 @pytest.fixture(scope="session")
-def saved_everywhere(tmp_path_factory):
-    """Each backend saves its models, then each backend loads all of them.
+def saved_scripts(tmp_path_factory):
+    """Each backend saves its models, then each backend loads all of them,
+    for the four save/load scripts at once (scripts/saved_everywhere.py).
 
     Two rounds of one fresh process per selected backend: `save` writes
-    DIR/<saver>/ (models, weight files, the saver's own reference results, the
-    invalid-id report); `load` writes DIR/<saver>/loaded_by_<loader>/ for
-    every saver.
+    DIR/<script>/<saver>/ (models, weight files, the saver's own reference
+    results); `load` writes DIR/<script>/<saver>/loaded_by_<loader>/ (or
+    resumed_by_<loader>/) for every saver.
     """
-    root = tmp_path_factory.mktemp("cross_backend")
-    run_under_each(SCRIPTS / "cross_backend.py", "save", root)
-    run_under_each(SCRIPTS / "cross_backend.py", "load", root, *BACKENDS)
+    root = tmp_path_factory.mktemp("saved")
+    run_under_each(SCRIPTS / "saved_everywhere.py", "save", root)
+    run_under_each(SCRIPTS / "saved_everywhere.py", "load", root, *BACKENDS)
     return root
+
+
+@pytest.fixture(scope="session")
+def saved_everywhere(saved_scripts):
+    """scripts/cross_backend.py's files, and its invalid-id report."""
+    return saved_scripts / "cross_backend"

@@ -3,8 +3,9 @@ and SharedEmbedding models (float, int8, int4 with LoRA, row-sparse training
 mid-way) saved under one backend and loaded and trained under another, and
 keras-rs `EmbedReduce` models upgraded by `replace_embeddings`.
 
-The `bags_everywhere` fixture runs scripts/bags.py: each backend saves, then
-each backend loads what every backend saved.
+The `bags_everywhere` fixture holds what scripts/bags.py wrote (run by the
+`saved_scripts` fixture, conftest.py): each backend saves, then each backend
+loads what every backend saved.
 """
 
 import itertools
@@ -12,7 +13,7 @@ import json
 
 import numpy as np
 import pytest
-from processes import BACKENDS, SCRIPTS, run_under_each
+from processes import BACKENDS
 
 PAIRS = list(itertools.product(BACKENDS, BACKENDS))
 MODELS = (
@@ -30,11 +31,8 @@ BAG_CLASS = "keras_ext_embedding.embedding_bag.EmbeddingBag"
 
 
 @pytest.fixture(scope="module")
-def bags_everywhere(tmp_path_factory):
-    root = tmp_path_factory.mktemp("bags")
-    run_under_each(SCRIPTS / "bags.py", "save", root)
-    run_under_each(SCRIPTS / "bags.py", "load", root, *BACKENDS)
-    return root
+def bags_everywhere(saved_scripts):
+    return saved_scripts / "bags"
 
 
 def load_npz(path):

@@ -1,6 +1,7 @@
 """Models saved under one backend and loaded under another, in fresh processes.
 
-The `saved_everywhere` fixture (conftest.py) runs scripts/cross_backend.py:
+The `saved_everywhere` fixture (conftest.py) holds what scripts/cross_backend.py
+wrote, run with the other save/load scripts by `saved_scripts`:
 each backend saves, then each backend loads what every backend saved. The
 tests compare the files those processes wrote.
 """

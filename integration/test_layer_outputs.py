@@ -14,7 +14,7 @@ import json
 
 import numpy as np
 import pytest
-from processes import BACKENDS, SCRIPTS, run_under_each
+from processes import BACKENDS
 
 CASES = (
     "plain",
@@ -35,11 +35,8 @@ PAIRS = list(itertools.product(BACKENDS, BACKENDS))
 
 
 @pytest.fixture(scope="module")
-def outputs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("layer_outputs")
-    run_under_each(SCRIPTS / "layer_outputs.py", "save", root)
-    run_under_each(SCRIPTS / "layer_outputs.py", "load", root, *BACKENDS)
-    return root
+def outputs(saved_scripts):
+    return saved_scripts / "layer_outputs"
 
 
 @pytest.mark.parametrize("fmt", ["keras", "weights"])

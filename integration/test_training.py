@@ -1,6 +1,7 @@
 """The same training on every backend, and row-sparse state that resumes.
 
-The `trained_everywhere` fixture runs scripts/training.py: each backend
+The `trained_everywhere` fixture holds what scripts/training.py wrote (run
+with the other save/load scripts by `saved_scripts`, conftest.py): each backend
 trains every case from the same table on the same batches of repeated ids
 (saving each model halfway), then each backend resumes every row-sparse
 case saved by every backend. The tests compare the tables and optimizer
@@ -11,9 +12,8 @@ import itertools
 
 import numpy as np
 import pytest
-from processes import BACKENDS, SCRIPTS, run_under_each
+from processes import BACKENDS
 
-SCRIPT = SCRIPTS / "training.py"
 PAIRS = list(itertools.product(BACKENDS, BACKENDS))
 OURS = (
     "dense_sgd",
@@ -45,11 +45,8 @@ SLOTS = {
 
 
 @pytest.fixture(scope="module")
-def trained_everywhere(tmp_path_factory):
-    root = tmp_path_factory.mktemp("training")
-    run_under_each(SCRIPT, "train", root)
-    run_under_each(SCRIPT, "resume", root, *BACKENDS)
-    return root
+def trained_everywhere(saved_scripts):
+    return saved_scripts / "training"
 
 
 def state(path):
