@@ -1,4 +1,4 @@
-# make setup | test | unit | integration | demo | bench | docs | docs-serve | lint | actionlint | format
+# make setup | test | unit | integration | demo | bench | docs | docs-check | docs-serve | lint | actionlint | format
 # test = lint + docs + unit + integration; BACKENDS=jax (or "jax torch") runs
 # unit and integration for the listed backends only. KERAS=nightly runs any of
 # them on the next Keras instead of the pinned one (see below).
@@ -23,7 +23,7 @@ STAMP := $(VENV)/.installed
 # PyTorch's CPU index, where PyPI's torch would be a multi-GB CUDA build.
 TORCH_INDEX_URL ?=
 
-.PHONY: setup test unit integration demo bench docs docs-serve lint actionlint format clean
+.PHONY: setup test unit integration demo bench docs docs-check docs-serve lint actionlint format clean
 
 setup: $(STAMP)
 
@@ -85,6 +85,15 @@ demo: setup
 docs: setup
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
 
+# The built site in a real browser, 1280 px wide: no page, table or code
+# block wider than its box, every image loaded and not scaled down past
+# reading, every internal link and anchor found; screenshots in site-check/.
+# It needs Chromium or Chrome (the CHROMIUM variable, else on PATH; Debian:
+# `apt-get install chromium`) and takes about a minute, so `make test` leaves
+# it out; CI's docs job runs it.
+docs-check: docs
+	$(PY) tests/check_docs_site.py
+
 docs-serve: setup
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve
 
@@ -92,4 +101,4 @@ bench: setup
 	$(PY) benchmarks/run.py
 
 clean:
-	rm -rf $(VENV) build site *.egg-info
+	rm -rf $(VENV) build site site-check *.egg-info

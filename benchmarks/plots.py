@@ -17,6 +17,7 @@ import matplotlib.pyplot as plt
 from labels import (
     BACKEND_TITLES,
     DECODING_LABELS,
+    LOOKUP_CALL_LABELS,
     MEMORY_LABELS,
     PLOTTED_COMPILED_MODE,
     REVERSE_LABELS,
@@ -26,21 +27,47 @@ from labels import (
 )
 from matplotlib.ticker import FuncFormatter
 
-DPI = 110
+# A figure is drawn at the width a page shows it, its text read at the size
+# it was drawn: a browser shrinking a wider one shrinks its labels with it
+# (tests/check_docs_site.py fails a page showing one below 3/4 of its width).
+# The benchmarks page hides Material's sidebars: its text is 1,188 px wide in
+# a window 1,280 px wide.
+DPI = 100
+PAGE_WIDTH = 11.5  # inches: 1,150 px
+# The figures other pages show too (docs/index.md, docs/guides/sharding.md),
+# in their 688 px column beside both sidebars: 900 px is shown at 0.76 of its
+# width there, so their text is drawn larger.
+QUOTED_WIDTH = 9.0
+QUOTED_STYLE = {"font.size": 12, "axes.titlesize": "medium"}
+# Above this many decades, a log axis labels its powers of ten only: the 2 and
+# 5 between them would overlap.
+MINOR_LABEL_DECADES = 2
 
 
-def minor_label(value, _):
-    """Labels minor log ticks at 2 and 5 times a power of ten only."""
-    if value <= 0:
-        return ""
-    leading = round(value / 10 ** math.floor(math.log10(value)))
-    return f"{value:g}" if leading in (2, 5) else ""
+def minor_labels(axes):
+    """Labels minor log ticks at 2 and 5 times a power of ten, where the
+    axis spans few enough decades to leave them room."""
+
+    def label(value, _):
+        low, high = axes.get_ylim()
+        if value <= 0 or low <= 0 or math.log10(high / low) > MINOR_LABEL_DECADES:
+            return ""
+        leading = round(value / 10 ** math.floor(math.log10(value)))
+        return f"{value:g}" if leading in (2, 5) else ""
+
+    return label
 
 
 def plain_y_labels(axes):
     """Log axes labelled 0.1, 0.2, 0.5, 1 rather than 10^-1, 2x10^-1, ..."""
     axes.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
-    axes.yaxis.set_minor_formatter(FuncFormatter(minor_label))
+    axes.yaxis.set_minor_formatter(FuncFormatter(minor_labels(axes)))
+
+
+def size_ticks(axes, sizes):
+    """A log axis of vocabulary sizes, ticked at the measured ones (10k, 1M)."""
+    axes.set_xticks(sizes, [rows_label(size) for size in sizes])
+    axes.set_xticks([], minor=True)
 
 
 OURS, KERAS = "tab:blue", "tab:orange"
@@ -73,9 +100,11 @@ def scaling_panel(axes, rows, title, missing="not measured"):
     axes.set_xscale("log")
     axes.set_yscale("log")
     plain_y_labels(axes)
-    axes.set_xlabel("vocabulary size (rows, output_dim=128)")
-    axes.set_ylabel("median time per call (ms)")
+    size_ticks(axes, sorted({row["input_dim"] for row in rows}))
     axes.grid(True, which="major", alpha=0.3)
+
+
+SCALING_AXES = ("vocabulary size (rows, output_dim=128)", "median time per call (ms)")
 
 
 def scaling_rows(result, kind, mode):
@@ -90,26 +119,30 @@ def forward_scaling(results, path):
     """One column per backend; eager on top, Keras's default compiled call
     below."""
     figure, grid = plt.subplots(
-        2, len(results), figsize=(5 * len(results), 8.5), squeeze=False
+        2, len(results), figsize=(QUOTED_WIDTH, 7.5), squeeze=False
     )
     for column, (backend, result) in enumerate(results.items()):
         title = BACKEND_TITLES[backend]
-        scaling_panel(
-            grid[0][column], scaling_rows(result, "forward", "eager"), f"{title}: eager"
-        )
+        rows = scaling_rows(result, "forward", "eager")
+        scaling_panel(grid[0][column], rows, f"{title}: eager")
         compiled = PLOTTED_COMPILED_MODE.get(backend)
         if compiled:
             rows = scaling_rows(result, "forward", compiled)
             scaling_panel(grid[1][column], rows, f"{title}: {compiled}")
         else:
-            note = "not measured: Keras does not\ncompile on PyTorch by default"
+            note = "not measured: Keras\ndoes not compile on\nPyTorch by default"
             scaling_panel(grid[1][column], [], f"{title}: compiled", note)
-    finish(figure, "Forward pass, 64 x 32 ids: time against vocabulary size", path)
+    finish(
+        figure,
+        "Forward pass, 64 x 32 ids: time against vocabulary size",
+        path,
+        axis_labels=SCALING_AXES,
+    )
 
 
 def train_scaling(results, path):
     figure, grid = plt.subplots(
-        1, len(results), figsize=(5 * len(results), 4.5), squeeze=False
+        1, len(results), figsize=(PAGE_WIDTH, 4.5), squeeze=False
     )
     for column, (backend, result) in enumerate(results.items()):
         rows = [
@@ -121,10 +154,11 @@ def train_scaling(results, path):
         figure,
         "One training step (Embedding -> GlobalAveragePooling1D, SGD, MSE)",
         path,
+        axis_labels=SCALING_AXES,
     )
 
 
-def grouped_bars(axes, groups, series):
+def grouped_bars(axes, groups, series, rotation=30):
     """Bars of each `series` (label, colour, hatch, values) side by side in
     each group; `values` aligned with `groups`, None for a missing bar."""
     width = 0.8 / len(series)
@@ -142,7 +176,9 @@ def grouped_bars(axes, groups, series):
             edgecolor="white" if hatch else None,
         )
     axes.set_xticks(range(len(groups)))
-    axes.set_xticklabels(groups, rotation=30, ha="right")
+    axes.set_xticklabels(
+        groups, rotation=rotation, ha="right" if rotation else "center"
+    )
 
 
 def native_floor(results, path):
@@ -168,15 +204,20 @@ def native_floor(results, path):
             series.append(
                 (f"{impl} / native, {rows_label(size)} rows", colour, hatch, values)
             )
-    figure, axes = plt.subplots(figsize=(max(8, 1.3 * len(groups) + 3), 5.5))
-    grouped_bars(axes, groups, series)
+    figure, axes = plt.subplots(figsize=(PAGE_WIDTH, 5.5))
+    # Two lines per group ("TensorFlow", "tf.function XLA") fit level.
+    grouped_bars(axes, groups, series, rotation=0)
     axes.axhline(1, color="black", linewidth=1, label="native op (1.0)")
     axes.set_yscale("log")
     plain_y_labels(axes)
     axes.set_ylabel("time / time of the native op (log scale)")
     axes.grid(True, axis="y", which="both", alpha=0.3)
-    axes.legend(fontsize="small")
-    finish(figure, "Plain lookup against the backend's own gather op", path)
+    finish(
+        figure,
+        "Plain lookup against the backend's own gather op",
+        path,
+        legend_columns=3,
+    )
 
 
 def memory_panel(axes, entries, field, title, ylabel, scale):
@@ -203,15 +244,12 @@ def memory_panel(axes, entries, field, title, ylabel, scale):
         axes.set_ylim(bottom=0)
     plain_y_labels(axes)
     axes.grid(True, axis="y", alpha=0.3)
-    axes.legend(fontsize="small")
 
 
 def memory(results, path):
     """Per backend: the layer's variable bytes, and the peak RSS increase of
     one forward pass."""
-    figure, grid = plt.subplots(
-        2, len(results), figsize=(5 * len(results), 9), squeeze=False
-    )
+    figure, grid = plt.subplots(2, len(results), figsize=(PAGE_WIDTH, 9), squeeze=False)
     for column, (backend, result) in enumerate(results.items()):
         entries = result.get("memory", [])
         title = BACKEND_TITLES[backend]
@@ -275,9 +313,7 @@ def reverse_projection(results, path):
     # A backend whose run left the section out has no rows (an older JSON).
     rows = [row for r in results.values() for row in r.get("reverse_projection", [])]
     size = max(row["input_dim"] for row in rows)
-    figure, grid = plt.subplots(
-        2, len(results), figsize=(5.5 * len(results), 9), squeeze=False
-    )
+    figure, grid = plt.subplots(2, len(results), figsize=(PAGE_WIDTH, 9), squeeze=False)
     for column, (backend, result) in enumerate(results.items()):
         decode = [
             row
@@ -306,9 +342,7 @@ def reverse_projection(results, path):
 def reverse_memory(results, path):
     """Per backend: the peak RSS increase of one reverse call per format,
     ours and Keras's, against the target (a quarter of the float32 table)."""
-    figure, grid = plt.subplots(
-        1, len(results), figsize=(5.5 * len(results), 5), squeeze=False
-    )
+    figure, grid = plt.subplots(1, len(results), figsize=(PAGE_WIDTH, 5), squeeze=False)
     for column, (backend, result) in enumerate(results.items()):
         axes = grid[0][column]
         entries = result.get("reverse_memory", [])
@@ -339,7 +373,6 @@ def reverse_memory(results, path):
         axes.set_ylim(bottom=0)
         plain_y_labels(axes)
         axes.grid(True, axis="y", alpha=0.3)
-        axes.legend(fontsize="small")
     finish(
         figure, "Peak memory of one reverse projection (8 x 512 hidden states)", path
     )
@@ -349,7 +382,7 @@ def decoding(results, path):
     """Grouped bars: ms per generated token, stock and upgraded, per format,
     one panel per backend."""
     figure, grid = plt.subplots(
-        1, len(results), figsize=(5 * len(results), 5), squeeze=False
+        1, len(results), figsize=(PAGE_WIDTH, 4.5), squeeze=False
     )
     for column, (backend, result) in enumerate(results.items()):
         axes = grid[0][column]
@@ -375,7 +408,6 @@ def decoding(results, path):
         axes.set_ylabel("median time per generated token (ms)")
         axes.set_ylim(bottom=0)
         axes.grid(True, axis="y", alpha=0.3)
-        axes.legend(fontsize="small")
     finish(figure, "Greedy decoding, 2-layer GemmaCausalLM (keras-hub)", path)
 
 
@@ -392,7 +424,7 @@ TRAINING_LINES = {
 }
 
 
-# The lookup bars' layers, on two lines with the call ("predict", "eager").
+# The lookup bars' layers, short enough to stand level under their bars.
 LOOKUP_BAR_LABELS = {"keras": "keras", "dense": "ours None", "sgd": "ours 'sgd'"}
 
 
@@ -427,13 +459,13 @@ def training_panel(axes, rows, title):
     axes.set_xscale("log")
     axes.set_yscale("log")
     plain_y_labels(axes)
-    axes.set_xlabel("vocabulary size (rows, output_dim=128)")
-    axes.set_ylabel("median time per training step (ms)")
+    size_ticks(axes, sizes)
     axes.grid(True, which="major", alpha=0.3)
 
 
 def training_scaling(results, path):
-    """One panel per backend and mode (TensorFlow: without and with XLA)."""
+    """One panel per backend and mode (TensorFlow: without and with XLA),
+    two to a row."""
     panels = []
     for backend, result in results.items():
         rows = result.get("training", [])
@@ -443,29 +475,39 @@ def training_scaling(results, path):
             panels.append((f"{BACKEND_TITLES[backend]}: {mode}", mode_rows))
         if not modes:
             panels.append((BACKEND_TITLES[backend], []))
+    columns = min(2, len(panels))
+    rows_of_panels = math.ceil(len(panels) / columns)
     figure, grid = plt.subplots(
-        1, len(panels), figsize=(5 * len(panels), 6), squeeze=False
+        rows_of_panels,
+        columns,
+        figsize=(PAGE_WIDTH, 4 * rows_of_panels + 1.5),
+        squeeze=False,
     )
-    for axes, (title, rows) in zip(grid[0], panels, strict=True):
+    cells = [axes for row in grid for axes in row]
+    for axes, (title, rows) in zip(cells, panels, strict=False):
         if rows:
             training_panel(axes, rows, title)
         else:
             empty_panel(axes, title, "not measured")
+    for axes in cells[len(panels) :]:
+        axes.set_visible(False)
     finish(
         figure,
         "One training step (Embedding(V, 128) -> GlobalAveragePooling1D -> "
         "Dense(1), 64 x 32 ids)",
         path,
-        legend_columns=4,
+        legend_columns=3,
+        axis_labels=(
+            "vocabulary size (rows, output_dim=128)",
+            "median time per training step (ms)",
+        ),
     )
 
 
 def lookup_after_training(results, path):
     """Per backend: each layer's lookup time before and after one training
-    step with SGD, grouped by layer and call."""
-    figure, grid = plt.subplots(
-        1, len(results), figsize=(5.5 * len(results), 5.5), squeeze=False
-    )
+    step with SGD, a group of bars per layer, the eager call's hatched."""
+    figure, grid = plt.subplots(1, len(results), figsize=(PAGE_WIDTH, 5), squeeze=False)
     for column, (backend, result) in enumerate(results.items()):
         axes = grid[0][column]
         rows = result.get("lookup_after_training", [])
@@ -473,19 +515,29 @@ def lookup_after_training(results, path):
         if not rows:
             empty_panel(axes, title, "not measured")
             continue
-        groups = [
-            f"{LOOKUP_BAR_LABELS[row['variant']]}\n{row['call'].split('_')[0]}"
-            for row in rows
-        ]
+        layers = list(dict.fromkeys(row["variant"] for row in rows))
+        calls = list(dict.fromkeys(row["call"] for row in rows))
+        by_key = {(row["variant"], row["call"]): row for row in rows}
         series = [
-            (label, colour, None, [row[time]["median_ms"] for row in rows])
+            (
+                f"{LOOKUP_CALL_LABELS[call]}: {label}",
+                colour,
+                "//" if index else None,
+                [
+                    by_key[layer, call][time]["median_ms"]
+                    if (layer, call) in by_key
+                    else None
+                    for layer in layers
+                ],
+            )
+            for index, call in enumerate(calls)
             for time, label, colour in (
                 ("before", "fresh model", "tab:cyan"),
                 ("after", "after one train_on_batch (SGD)", "tab:red"),
             )
         ]
-        grouped_bars(axes, groups, series)
-        axes.set_xticklabels(groups, rotation=0, ha="center", fontsize="small")
+        groups = [LOOKUP_BAR_LABELS[layer] for layer in layers]
+        grouped_bars(axes, groups, series, rotation=0)
         axes.set_title(f"{title}: {rows_label(rows[0]['input_dim'])} rows")
         axes.set_yscale("log")
         plain_y_labels(axes)
@@ -496,6 +548,7 @@ def lookup_after_training(results, path):
         "Lookups (64 x 32 ids): predict_on_batch and an eager layer(ids), before "
         "and after one training step",
         path,
+        legend_columns=2,
     )
 
 
@@ -507,17 +560,21 @@ SHARDED_LINES = {
     "ours_row_sparse_adam": (OURS, "o", {"markersize": 5}),
 }
 SHARDED_STYLES = ("-", "--", ":")
+# The ideal bytes per device: wide and pale, under the measured lines, which
+# may hide it.
+IDEAL_LINE = {"color": FLOOR, "linewidth": 6, "alpha": 0.35}
 
 
 def sharded_tables(results, path):
     """Tables sharded by rows (JAX): the bytes the busiest device holds of
     the table and its Adam moments, with the ideal (their total over the
     device count), and the time of a training step, against the device
-    count; one line per layer and vocabulary size."""
+    count; one line per layer and vocabulary size, the colour for the
+    layer, the line style for the size."""
     rows = [row for result in results.values() for row in result.get("sharded", [])]
     sizes = sorted({row["input_dim"] for row in rows})
     counts = sorted({row["devices"] for row in rows})
-    figure, (bytes_axes, time_axes) = plt.subplots(1, 2, figsize=(12, 5.5))
+    figure, (bytes_axes, time_axes) = plt.subplots(1, 2, figsize=(QUOTED_WIDTH, 6))
     for index, size in enumerate(sizes):
         style = SHARDED_STYLES[index % len(SHARDED_STYLES)]
         ideal = {
@@ -525,15 +582,11 @@ def sharded_tables(results, path):
             for row in rows
             if row["input_dim"] == size
         }
-        # Wide and pale, under the measured lines, which it may hide.
         bytes_axes.plot(
             sorted(ideal),
             [ideal[n] for n in sorted(ideal)],
             style,
-            color=FLOOR,
-            linewidth=6,
-            alpha=0.35,
-            label=f"ideal: total / devices, {rows_label(size)} rows",
+            **IDEAL_LINE,
         )
         for config, (colour, marker, marker_options) in SHARDED_LINES.items():
             points = sorted(
@@ -544,13 +597,28 @@ def sharded_tables(results, path):
             if not points:
                 continue
             devices = [n for n, _ in points]
-            label = f"{SHARDED_LABELS[config]}, {rows_label(size)} rows"
-            options = {"color": colour, "marker": marker, "label": label}
-            options.update(marker_options)
+            options = {"color": colour, "marker": marker, **marker_options}
             per_device = [row["max_device_bytes"] / 2**20 for _, row in points]
             bytes_axes.plot(devices, per_device, style, **options)
             times = [row["step"]["median_ms"] for _, row in points]
             time_axes.plot(devices, times, style, **options)
+    # The legend names each colour and each line style once (a line per
+    # layer and size would be too wide for the figure): lines with no points.
+    shown = [c for c in SHARDED_LINES if any(row["config"] == c for row in rows)]
+    for config in shown:
+        colour, marker, marker_options = SHARDED_LINES[config]
+        bytes_axes.plot(
+            [],
+            [],
+            color=colour,
+            marker=marker,
+            label=SHARDED_LABELS[config],
+            **marker_options,
+        )
+    bytes_axes.plot([], [], label="ideal: total bytes / devices", **IDEAL_LINE)
+    for index, size in enumerate(sizes):
+        style = SHARDED_STYLES[index % len(SHARDED_STYLES)]
+        bytes_axes.plot([], [], style, color="black", label=f"{rows_label(size)} rows")
     for axes, title, ylabel in (
         (
             bytes_axes,
@@ -568,7 +636,6 @@ def sharded_tables(results, path):
         axes.set_xticks(counts)
         axes.set_xticklabels([str(n) for n in counts])
         axes.set_xticks([], minor=True)
-        axes.set_xlabel("devices (virtual CPU devices sharing the cores)")
         axes.set_yscale("log")
         plain_y_labels(axes)
         axes.set_ylabel(ylabel)
@@ -579,13 +646,16 @@ def sharded_tables(results, path):
         f"{rows[0]['output_dim']})",
         path,
         legend_columns=2,
+        axis_labels=("devices (virtual CPU devices sharing the cores)", None),
     )
 
 
-def finish(figure, title, path, legend_columns=None):
+def finish(figure, title, path, legend_columns=None, axis_labels=None):
     """Titles, lays out and saves the figure. A figure whose first panel has
     no legend of its own gets one below its panels: every line once, in
-    `legend_columns` columns (default: two per panel column)."""
+    `legend_columns` columns (default: two per panel column). `axis_labels`,
+    `(x, y)`, label the panels' shared axes once, for the figure (None: the
+    panels label their own): a label per panel would take their room."""
     figure.suptitle(title)
     # Every label of every panel, once (a PyTorch panel has a line more).
     shown = {}
@@ -593,6 +663,7 @@ def finish(figure, title, path, legend_columns=None):
         for handle, label in zip(*axes.get_legend_handles_labels(), strict=True):
             shown.setdefault(label, handle)
     handles, labels = list(shown.values()), list(shown)
+    bottom = 0
     if handles and not figure.axes[0].get_legend():
         # Scaling figures: one legend for all panels, which share their lines.
         columns = legend_columns or 2 * figure.axes[0].get_gridspec().ncols
@@ -601,12 +672,19 @@ def finish(figure, title, path, legend_columns=None):
         # Room for the legend's rows: about a quarter inch each.
         rows = math.ceil(len(handles) / columns)
         bottom = max(0.06, 0.03 + 0.25 * rows / figure.get_figheight())
-        figure.tight_layout(rect=(0, bottom, 1, 1))
-    else:
-        figure.tight_layout()
+    x_label, y_label = axis_labels or (None, None)
+    if x_label:
+        # Above the legend, in the room tight_layout leaves it in `rect`.
+        figure.supxlabel(x_label, y=bottom + 0.01, va="bottom")
+    if y_label:
+        figure.supylabel(y_label)
+    figure.tight_layout(rect=(0, bottom, 1, 1))
     figure.savefig(path, dpi=DPI)
     plt.close(figure)
 
+
+# Other pages show these too, at 0.76 of their width (see QUOTED_WIDTH).
+QUOTED = ("vocab_scaling_forward", "sharded_tables")
 
 # name: (draw, alt text, the results section it is drawn from)
 FIGURES = {
@@ -669,6 +747,7 @@ def write_all(results, img_dir):
         if not any(result.get(section) for result in results.values()):
             continue
         file_name = f"{name}.png"
-        draw(results, os.path.join(img_dir, file_name))
+        with plt.rc_context(QUOTED_STYLE if name in QUOTED else {}):
+            draw(results, os.path.join(img_dir, file_name))
         written[name] = (file_name, alt)
     return written

@@ -2,10 +2,16 @@
 
 `markdown(data, images)` renders the JSON document `run.py` writes, and the
 figures `plots.write_all` drew, as one MkDocs page: a headline of the key
-ratios, the tables and figures of each section, then how it is measured.
+ratios and the machine, the tables and figures of each section, then how it
+is measured and the runs the numbers come from. Its tables fit a window
+1,280 px wide (`FRONT_MATTER` gives them the page's width): a table wider
+than its column scrolls, hiding its last columns.
 Links stay inside the output directory (the figures in `img/`, the JSON
 beside the page): MkDocs's strict mode rejects links outside `docs/`.
 """
+
+import re
+import unicodedata
 
 from labels import (
     BACKEND_TITLES,
@@ -21,7 +27,6 @@ from labels import (
     SHARDED_COLUMNS,
     SHARDED_LABELS,
     TRAINING_COLUMNS,
-    TRAINING_LABELS,
     native_op,
     rows_label,
 )
@@ -253,26 +258,53 @@ def slower_than_keras(data):
     return f"{intro}\n\n{table(header, 'llllr', rows)}"
 
 
-def speed_table(data):
-    rows = [
-        [
-            backend,
-            f"{row['case']} ({row['input_dim']:,} rows)",
-            row["mode"],
-            f"invalid_ids={row['variant']!r}",
-            row["ours"]["reps"],
-            milliseconds(row["ours"]),
-            milliseconds(row["keras"]),
-            f"{row['ratio']:.2f}",
-            f"{1 / row['ratio']:.1f}x",
-            row["target"],
-            verdict(row["met"]),
+def ratio_cell(ratio):
+    """`ours/keras (keras/ours)`: the ratio targets are set on, then the
+    speedup, which stays readable where the ratio rounds to 0.00."""
+    return f"{ratio:.2f} ({number(1 / ratio, 'x')})"
+
+
+def speed_case(row):
+    """The case, its size, and the configuration of ours where it is not the
+    default `invalid_ids="raise"`."""
+    case = f"{row['case']}, {row['input_dim']:,} rows"
+    if row["variant"] != "raise":
+        case += f", `invalid_ids={row['variant']!r}`"
+    return case
+
+
+def speed_tables(data):
+    """One table per target, which the line above it states: a target
+    column would repeat it on every row."""
+    groups = {}
+    for backend, row in backend_rows(data, "speed"):
+        groups.setdefault(row["target"], []).append((backend, row))
+    parts = []
+    for target, rows in groups.items():
+        judged = any(row["met"] is not None for _, row in rows)
+        cells = [
+            [
+                backend,
+                speed_case(row),
+                row["mode"],
+                row["ours"]["reps"],
+                milliseconds(row["ours"]),
+                milliseconds(row["keras"]),
+                ratio_cell(row["ratio"]),
+                *([verdict(row["met"])] if judged else []),
+            ]
+            for backend, row in rows
         ]
-        for backend, row in backend_rows(data, "speed")
-    ]
-    header = ["backend", "case", "mode", "ours", "reps", "ours (ms)", "keras (ms)"]
-    header += ["ours/keras", "keras/ours", "target", "met"]
-    return table(header, "llllrrrrrll", rows)
+        header = ["backend", "case", "mode", "reps", "ours (ms)", "keras (ms)"]
+        header += ["ours/keras (keras/ours)", *(["met"] if judged else [])]
+        lead = (
+            "**For information** (no target):"
+            if target.startswith("none")
+            else f"**Target: {target}**"
+        )
+        align = "lllrrrr" + "l" * judged
+        parts.append(f"{lead}\n\n{table(header, align, cells)}")
+    return "\n\n".join(parts)
 
 
 def scaling_table(data):
@@ -295,28 +327,38 @@ def scaling_table(data):
     return table(header, "lrlllrrrr", rows)
 
 
+def over_native(summary, ratio):
+    """`median ± IQR/2 (time over the native op's)`."""
+    return f"{milliseconds(summary)} ({number(ratio)})"
+
+
 def native_table(data):
     rows = [
         [
             backend,
             f"{row['input_dim']:,}",
             row["mode"],
-            native_op(backend, row["mode"]),
             row["native"]["reps"],
             milliseconds(row["native"]),
-            milliseconds(row["ours"]),
-            milliseconds(row["ours_zeros"]),
-            milliseconds(row["keras"]),
-            number(row["ours_over_native"]),
-            number(row["ours_zeros_over_native"]),
-            number(row["keras_over_native"]),
+            over_native(row["ours"], row["ours_over_native"]),
+            over_native(row["ours_zeros"], row["ours_zeros_over_native"]),
+            over_native(row["keras"], row["keras_over_native"]),
         ]
         for backend, row in backend_rows(data, "native_floor")
     ]
-    header = ["backend", "rows", "mode", "native op", "reps", "native (ms)"]
-    header += ["ours (ms)", "ours zeros (ms)", "keras (ms)"]
-    header += ["ours/native", "ours zeros/native", "keras/native"]
-    return table(header, "lrllrrrrrrrr", rows)
+    header = ["backend", "rows", "mode", "reps", "native (ms)", "ours (ms)"]
+    header += ["ours zeros (ms)", "keras (ms)"]
+    return table(header, "lrlrrrrr", rows)
+
+
+def native_ops(data):
+    """The native op of each mode (of each backend, eager), as
+    `mode: op, op; mode: op`."""
+    modes = {}
+    for backend, row in backend_rows(data, "native_floor"):
+        ops = modes.setdefault(row["mode"], {})
+        ops[native_op(backend, row["mode"])] = None
+    return "; ".join(f"{mode}: {', '.join(ops)}" for mode, ops in modes.items())
 
 
 def table_bytes_table(data):
@@ -381,17 +423,27 @@ def figure(images, name):
     if name not in images:
         return "*Figure not drawn: this run did not measure its section.*"
     file_name, alt = images[name]
-    return f"![{alt}](img/{file_name})"
+    # A link to the image itself: a narrower window shrinks it, the link
+    # shows it whole.
+    return f"[![{alt}](img/{file_name})](img/{file_name})"
 
 
 def machine_section(data):
     info = data["machine"]
     versions = ", ".join(f"{name} {v}" for name, v in info["versions"].items())
+    updates = data.get("updates", [])
+    dates = f"{info['date']}, in {data['duration_s'] / 60:.1f} minutes"
+    if updates:
+        dates += (
+            f"; {len(updates)} later runs measured some sections again, the "
+            f"last on {updates[-1]['date']} ([run history](#run-history))"
+        )
     return f"""## Machine
 
 - CPU: {info["cpu"]}, {info["cores"]} cores; RAM {info["ram_gib"]:.0f} GiB;
   {info["os"]}; no GPU used.
 - Versions: {versions}.
+- Measured: {dates}.{other_machine(data)}
 
 The machine is shared with other jobs and has only {info["cores"]} cores, so
 single timings are noisy, at times by a factor of two. Every number below is
@@ -415,47 +467,96 @@ def update_machine(data, update):
     )
 
 
+def other_machine(data):
+    """A line of the machine's list where an update ran on another CPU: the
+    sections and backends whose figures are still from there (no later run
+    on this machine measured them again), or that none are."""
+    updates = data.get("updates", [])
+    left = []
+    for index, update in enumerate(updates):
+        if not update_machine(data, update):
+            continue
+        again = {
+            (section, backend)
+            for later in updates[index + 1 :]
+            if not update_machine(data, later)
+            for section in later["sections"]
+            for backend in later["backends"]
+        }
+        pairs = [
+            (section, backend)
+            for section in update["sections"]
+            for backend in update["backends"]
+            if (section, backend) not in again
+        ]
+        if pairs:
+            measured = ", ".join(
+                f"{section} on {backend}" for section, backend in pairs
+            )
+            left.append(f"{measured} ({update['cpu']}, {update['date']})")
+    if left:
+        return (
+            "\n- Measured on another machine, to compare with each other only: "
+            + "; ".join(left)
+            + "."
+        )
+    if any(update_machine(data, update) for update in updates):
+        return (
+            "\n- Every figure is from this machine: the sections that runs on "
+            "another machine measured were all measured here again later."
+        )
+    return ""
+
+
 def intro(data):
-    minutes = data["duration_s"] / 60
     quick = ""
     if data["quick"]:
         quick = (
             "\n\n**This is a `--quick` smoke run**: tiny sizes and 3 repetitions, "
             "to check that everything runs. Its numbers mean little."
         )
+    return f"""# Benchmarks
+
+The layers of `keras_ext_embedding` against Keras's own
+(`keras.layers.Embedding`, `keras.layers.ReversibleEmbedding`), keras-rs
+`EmbedReduce` and each backend's own ops, on TensorFlow, JAX and PyTorch, on
+a CPU. Generated by `make bench` (`python benchmarks/run.py`): do not edit by
+hand, rerun it to refresh the numbers. Every number is also in
+[benchmarks.json](benchmarks.json).{quick}"""
+
+
+def history_section(data):
+    """The run that wrote the JSON, then every `--update` of it, each with
+    its command: last on the page, which the headline opens."""
+    first = (
+        f"- `{data['command']}` on {data['machine']['date']}, in "
+        f"{data['duration_s'] / 60:.1f} minutes: the first run."
+    )
     updates = "".join(
-        f"\n\nThen `{update['command']}` on {update['date']} measured "
+        f"\n- `{update['command']}` on {update['date']} measured "
         f"{', '.join(update['sections'])} again on {', '.join(update['backends'])} "
         f"({update['duration_s'] / 60:.1f} minutes){update_machine(data, update)}."
         for update in data.get("updates", [])
     )
-    return f"""# Benchmarks
+    return f"""## Run history
 
-Generated by `{data["command"]}` on {data["machine"]["date"]}, in
-{minutes:.1f} minutes (`make bench` runs `python benchmarks/run.py`). Do not
-edit by hand: rerun the command to refresh the numbers. Every number is also
-in [benchmarks.json](benchmarks.json).{updates}{quick}
+The runs this page's numbers come from, in order; each `--update` replaced
+the sections it measured, on the backends it ran.
 
-`keras_ext_embedding.Embedding` ("ours", default configuration:
-`invalid_ids="raise"`, plus `invalid_ids="zeros"` for plain lookups) against
-`keras.layers.Embedding` ("keras"), both in the same process on the same ids
-(a `64 x 32` int32 batch, already a backend tensor) and the same weights,
-`output_dim=128`, LoRA rank 8 with a non-zero `B`. The reverse-projection
-sections compare `keras_ext_embedding.ReversibleEmbedding` with
-`keras.layers.ReversibleEmbedding` (logits of hidden states, `output_dim=512`)
-and greedy decoding with a keras-hub causal LM, stock and after
-`replace_embeddings`."""
+{first}{updates}"""
 
 
 def speed_sections(data, images):
     sizes = ", ".join(f"{size:,}" for size in data["settings"]["scaling_sizes"])
     return f"""## Speed against Keras
 
-`ours/keras` below 1 means ours is faster; `keras/ours` is the speedup. The
-`lookup` rows come from the plain-lookup measurements below, the
-`lora_forward` and `lora_train` rows from the vocabulary-scaling ones.
+`ours/keras` below 1 means ours is faster; in parentheses, `keras/ours`, the
+speedup. Ours runs in its default configuration, `invalid_ids="raise"`,
+unless the case names another. The `lookup` rows come from the plain-lookup
+measurements below, the `lora_forward` and `lora_train` rows from the
+vocabulary-scaling ones.
 
-{speed_table(data)}
+{speed_tables(data)}
 
 ## Scaling with the vocabulary size
 
@@ -483,6 +584,11 @@ mode, and ours checks the ids (`invalid_ids="raise"`) or masks invalid ones
 
 {figure(images, "native_floor")}
 
+The native op, mode by mode: {native_ops(data)}. "ours" is
+`invalid_ids="raise"`, "ours zeros" `invalid_ids="zeros"`; in parentheses,
+each layer's time over the native op's (`ours/native`, `ours zeros/native`,
+`keras/native`).
+
 {native_table(data)}"""
 
 
@@ -495,24 +601,38 @@ def training_cell(row, name):
     return f"{milliseconds(row[name])} ({number(1 / row['over_keras'][name], 'x')})"
 
 
-def training_table(rows):
-    """One backend's steps: each variant's time and, in parentheses, Keras's
-    dense Adam time over it; then the one-pass floors."""
-    names = [name for name in TRAINING_LABELS if any(name in row for row in rows)]
+def step_mode(mode):
+    """`jax.jit` of `train_on_batch (jax.jit)`: the sections say that every
+    step is a `train_on_batch`."""
+    prefix = "train_on_batch ("
+    return mode[len(prefix) : -1] if mode.startswith(prefix) else mode
+
+
+# The training table's variants in two tables, each with its one-pass floor:
+# the table trained densely by the model's Adam, and row by row.
+DENSE_STEPS = ("keras", "dense", "lora")
+ROW_STEPS = ("sgd", "adagrad", "adam", "lora_adam", "native")
+FLOORS = {"dense_adam": "dense Adam", "row_sparse_adam": "row-sparse Adam"}
+
+
+def training_table(rows, variants, floor, reps):
+    """One backend's steps of `variants`: each one's time and, in
+    parentheses, Keras's dense Adam time over it; then the one-pass floor."""
+    names = [name for name in variants if any(name in row for row in rows)]
     cells = [
         [
             f"{row['input_dim']:,}",
-            row["mode"],
-            row["keras"]["reps"],
+            step_mode(row["mode"]),
+            *([row["keras"]["reps"]] if reps else []),
             *(training_cell(row, name) for name in names),
-            number(row["floor_ms"]["dense_adam"]),
-            number(row["floor_ms"]["row_sparse_adam"]),
+            number(row["floor_ms"][floor]),
         ]
         for row in rows
     ]
-    header = ["rows", "mode", "reps", *(f"{TRAINING_COLUMNS[n]} (ms)" for n in names)]
-    header += ["one pass: dense Adam (ms)", "one pass: row-sparse Adam (ms)"]
-    return table(header, "llr" + "r" * (len(names) + 2), cells)
+    header = ["rows", "mode", *(["reps"] if reps else [])]
+    header += [f"{TRAINING_COLUMNS[n]} (ms)" for n in names]
+    header += [f"one pass: {FLOORS[floor]} (ms)"]
+    return table(header, "rl" + "r" * (reps + len(names) + 1), cells)
 
 
 def training_tables(data):
@@ -520,7 +640,22 @@ def training_tables(data):
     for backend, result in data["results"].items():
         rows = result.get("training", [])
         if rows:
-            parts.append(f"### {BACKEND_TITLES[backend]}\n\n{training_table(rows)}")
+            dense = training_table(rows, DENSE_STEPS, "dense_adam", reps=True)
+            sparse = training_table(rows, ROW_STEPS, "row_sparse_adam", reps=False)
+            native = ""
+            if any("native" in row for row in rows):
+                native = f", and {TRAINING_COLUMNS['native']}"
+            parts.append(
+                f"""### {BACKEND_TITLES[backend]}
+
+Trained densely by the model's Adam:
+
+{dense}
+
+Trained row by row (`optimizer=`){native}, with the same repetitions:
+
+{sparse}"""
+            )
     return "\n\n".join(parts)
 
 
@@ -632,22 +767,30 @@ rows are for comparison.
 {lookup_table}"""
 
 
+def by_configuration(rows, lines):
+    """A column per `(backend, row)` of `rows`, headed by its backend and
+    mode, and a line per `(label, cell)` of `lines`, `cell(row)` its
+    values: the bags sections measure few configurations many ways, which
+    would make a row per configuration too wide to read."""
+    header = ["", *(f"{backend} {step_mode(row['mode'])}" for backend, row in rows)]
+    cells = [[label, *(cell(row) for _, row in rows)] for label, cell in lines]
+    return table(header, "l" + "r" * len(rows), cells)
+
+
+def timing(name):
+    """The cell of variant `name`: its time, "-" where it was not run."""
+    return lambda row: milliseconds(row[name]) if name in row else "-"
+
+
 def bags_forward_table(data):
     rows = list(backend_rows(data, "bags"))
     names = [name for name in BAGS_COLUMNS if any(name in row for _, row in rows)]
-    cells = [
-        [
-            backend,
-            f"{row['input_dim']:,}",
-            row["mode"],
-            row["ours"]["reps"],
-            *(milliseconds(row[name]) if name in row else "-" for name in names),
-        ]
-        for backend, row in rows
+    lines = [
+        ("rows", lambda row: f"{row['input_dim']:,}"),
+        ("reps", lambda row: row["ours"]["reps"]),
+        *((f"{BAGS_COLUMNS[name]} (ms)", timing(name)) for name in names),
     ]
-    header = ["backend", "rows", "mode", "reps"]
-    header += [f"{BAGS_COLUMNS[name]} (ms)" for name in names]
-    return table(header, "lrlr" + "r" * len(names), cells)
+    return by_configuration(rows, lines)
 
 
 def bags_met(row):
@@ -666,42 +809,39 @@ def bags_ratio_table(data):
         for ratio in BAGS_RATIO_COLUMNS
         if any(ratio in row["ratios"] for _, row in rows)
     ]
-    cells = [
-        [
-            backend,
-            row["mode"],
-            BAGS_COLUMNS[row["hand_written"]],
-            *(number(row["ratios"].get(ratio)) for ratio in ratios),
-            bags_met(row),
-        ]
-        for backend, row in rows
+    lines = [
+        ("hand-written (the faster)", lambda row: BAGS_COLUMNS[row["hand_written"]]),
+        *(
+            (
+                BAGS_RATIO_COLUMNS[ratio],
+                lambda row, r=ratio: number(row["ratios"].get(r)),
+            )
+            for ratio in ratios
+        ),
+        ("targets met", bags_met),
     ]
-    header = ["backend", "mode", "hand-written (faster)"]
-    header += [BAGS_RATIO_COLUMNS[ratio] for ratio in ratios] + ["targets met"]
-    return table(header, "lll" + "r" * len(ratios) + "l", cells)
+    return by_configuration(rows, lines)
 
 
 def bags_training_table(data):
     rows = list(backend_rows(data, "bags_training"))
     names = [n for n in BAGS_TRAIN_COLUMNS if any(n in row for _, row in rows)]
-    cells = [
-        [
-            backend,
-            f"{row['input_dim']:,}",
-            row["mode"],
-            row["ours"]["reps"],
-            *(milliseconds(row[name]) if name in row else "-" for name in names),
-            number(row["ratios"]["embed_reduce_over_ours_adam"], "x"),
-            number(row["ratios"].get("ours_adam_over_native")),
-            row["target"],
-            verdict(row["met"]),
-        ]
-        for backend, row in rows
+    lines = [
+        ("rows", lambda row: f"{row['input_dim']:,}"),
+        ("reps", lambda row: row["ours"]["reps"]),
+        *((f"{BAGS_TRAIN_COLUMNS[name]} (ms)", timing(name)) for name in names),
+        (
+            "EmbedReduce / ours 'adam'",
+            lambda row: number(row["ratios"]["embed_reduce_over_ours_adam"], "x"),
+        ),
+        (
+            "ours 'adam' / torch",
+            lambda row: number(row["ratios"].get("ours_adam_over_native")),
+        ),
+        ("target", lambda row: row["target"]),
+        ("met", lambda row: verdict(row["met"])),
     ]
-    header = ["backend", "rows", "mode", "reps"]
-    header += [f"{BAGS_TRAIN_COLUMNS[name]} (ms)" for name in names]
-    header += ["EmbedReduce / ours 'adam'", "ours 'adam' / torch", "target", "met"]
-    return table(header, "lrlr" + "r" * (len(names) + 2) + "ll", cells)
+    return by_configuration(rows, lines)
 
 
 def bags_memory_table(data):
@@ -1016,32 +1156,62 @@ def gb_s(value):
     return number(value)
 
 
-def reverse_table(data):
-    rows = [
-        [
-            backend,
-            f"{row['input_dim']:,}",
-            f"{row['hidden']} `{' x '.join(map(str, row['hidden_shape']))}`",
-            REVERSE_LABELS[row["format"]],
-            row["mode"],
-            row["ours"]["reps"],
-            milliseconds(row["ours"]),
-            milliseconds(row["keras"]),
-            milliseconds(row["floor"]),
-            f"{row['ratio']:.2f}",
-            number(1 / row["ratio"], "x"),
-            number(row["ours_over_floor"]),
-            f"{gb_s(row['ours_gb_s'])} / {gb_s(row['keras_gb_s'])} / "
-            f"{gb_s(row['floor_gb_s'])}",
-            row["target"],
-            verdict(row["met"]),
+def with_gb_s(summary, value):
+    """`median ± IQR/2 (GB/s)`, which a narrow column breaks before the
+    bandwidth only."""
+    return f"{milliseconds(summary)} ({gb_s(value)}&nbsp;GB/s)"
+
+
+def target_cell(row):
+    """The row's target and whether it was met; "-" for a row measured for
+    information."""
+    if row["target"].startswith("none"):
+        return "-"
+    return f"{row['target']}: {verdict(row['met'])}"
+
+
+def reverse_tables(data):
+    """A table per (hidden states, vocabulary size), which its first line
+    names with the repetitions, where they are the same on every row."""
+    groups = {}
+    for backend, row in backend_rows(data, "reverse_projection"):
+        key = (row["hidden"], tuple(row["hidden_shape"]), row["input_dim"])
+        groups.setdefault(key, []).append((backend, row))
+    # Hidden states in the order measured (decode first), then by size.
+    hiddens = list(dict.fromkeys(key[0] for key in groups))
+    parts = []
+    for key in sorted(groups, key=lambda k: (hiddens.index(k[0]), k[2])):
+        hidden, shape, size = key
+        rows = groups[key]
+        reps = {row["ours"]["reps"] for _, row in rows}
+        targets = any(not row["target"].startswith("none") for _, row in rows)
+        cells = [
+            [
+                backend,
+                REVERSE_LABELS[row["format"]],
+                row["mode"],
+                *([] if len(reps) == 1 else [row["ours"]["reps"]]),
+                with_gb_s(row["ours"], row["ours_gb_s"]),
+                with_gb_s(row["keras"], row["keras_gb_s"]),
+                with_gb_s(row["floor"], row["floor_gb_s"]),
+                ratio_cell(row["ratio"]),
+                number(row["ours_over_floor"]),
+                *([target_cell(row)] if targets else []),
+            ]
+            for backend, row in rows
         ]
-        for backend, row in backend_rows(data, "reverse_projection")
-    ]
-    header = ["backend", "rows", "hidden states", "table", "mode", "reps"]
-    header += ["ours (ms)", "keras (ms)", "floor (ms)", "ours/keras", "keras/ours"]
-    header += ["ours/floor", "GB/s ours / keras / floor", "target", "met"]
-    return table(header, "lrlllrrrrrrrrll", rows)
+        header = ["backend", "table", "mode", *([] if len(reps) == 1 else ["reps"])]
+        header += ["ours (ms)", "keras (ms)", "floor (ms)"]
+        header += ["ours/keras (keras/ours)", "ours/floor"]
+        header += ["target"] if targets else []
+        align = "lll" + "r" * (len(header) - 3 - targets) + "l" * targets
+        lead = f"**{hidden} `{' x '.join(map(str, shape))}`, {size:,} rows**"
+        if len(reps) == 1:
+            lead += f", {reps.pop()} repetitions"
+        if not targets:
+            lead += ", for information (no target)"
+        parts.append(f"{lead}:\n\n{table(header, align, cells)}")
+    return "\n\n".join(parts)
 
 
 def reverse_memory_table(data):
@@ -1130,12 +1300,14 @@ prompt (`prefill`): one `layer(h, reverse=True)` call, its logits
 the same float32 table and are quantized alike (`quantize(mode,
 config=...)`); "floor" is the table-first matmul `transpose(matmul(W,
 transpose(h)))` on a tensor holding the float32 table, one pass over its
-bytes (the fastest public form: `einsum("...d,vd->...v", h, W)` took up to
-4.2x its time). GB/s is the
-layer's stored table bytes (scales, zero points and LoRA factors included;
-the floor: the float32 table) over the median time: how close each call
-comes to streaming its table once. The floor's GB/s on the float32 table is
-the memory bandwidth such a read reaches on this machine.
+bytes (the fastest public form: `einsum("...d,vd->...v", h, W)` took
+several times as long on a few hidden states). In parentheses after each
+time, its GB/s: the layer's
+stored table bytes (scales, zero points and LoRA factors included; the
+floor: the float32 table) over the median time, how close each call comes
+to streaming its table once. The floor's GB/s on the float32 table is the
+memory bandwidth such a read reaches on this machine. `ours/keras` below 1
+means ours is faster; in parentheses, `keras/ours`, the speedup.
 
 Targets, eager, one decoding step, each backend: float32 within 1.3x of the
 floor; LoRA at least 5x and int4 in groups of 128 at least 3x faster than
@@ -1145,7 +1317,7 @@ XLA fuses Keras's transpose into the product.
 
 {figure(images, "reverse_projection")}
 
-{not_measured(rows, "reverse_projection") or reverse_table(data)}
+{not_measured(rows, "reverse_projection") or reverse_tables(data)}
 
 ## Peak memory of one reverse projection
 
@@ -1179,6 +1351,16 @@ ids of both models are equal.
 
 
 METHOD = """## How it is measured
+
+`keras_ext_embedding.Embedding` ("ours", default configuration:
+`invalid_ids="raise"`, plus `invalid_ids="zeros"` for plain lookups) against
+`keras.layers.Embedding` ("keras"), both in the same process on the same ids
+(a `64 x 32` int32 batch, already a backend tensor) and the same weights,
+`output_dim=128`, LoRA rank 8 with a non-zero `B`. The reverse-projection
+sections compare `keras_ext_embedding.ReversibleEmbedding` with
+`keras.layers.ReversibleEmbedding` (logits of hidden states, `output_dim=512`)
+and greedy decoding with a keras-hub causal LM, stock and after
+`replace_embeddings`.
 
 - `benchmarks/run.py` starts `benchmarks/bench_backend.py` in one process per
   backend (`KERAS_BACKEND` set, `TF_CPP_MIN_LOG_LEVEL=3`), one after the
@@ -1358,9 +1540,35 @@ METHOD = """## How it is measured
   the number of new tokens."""
 
 
+# Material's own front matter: the page's tables and figures get the full
+# width of the window (1,188 px of text at 1,280 px) without the navigation
+# and the table of contents, which the line of contents replaces.
+FRONT_MATTER = """---
+hide:
+  - navigation
+  - toc
+---"""
+
+
+def anchor(heading):
+    """The id Python-Markdown's toc extension gives a heading (its default
+    `slugify`), which MkDocs's strict build checks every link against."""
+    text = unicodedata.normalize("NFKD", heading).encode("ascii", "ignore").decode()
+    text = re.sub(r"[^\w\s-]", "", text).strip().lower()
+    return re.sub(r"[-\s]+", "-", text)
+
+
+def contents(sections):
+    """A line of links to the page's sections (`##` headings)."""
+    headings = re.findall(r"^## (.+)$", "\n\n".join(sections), re.M)
+    links = " · ".join(f"[{h}](#{anchor(h)})" for h in headings)
+    return f"**On this page:** {links}"
+
+
 def markdown(data, images):
-    parts = [
-        intro(data),
+    """The page: what it compares, the headline and the machine first; the
+    sections; then how it is measured and the runs it comes from."""
+    sections = [
         headline_section(data),
         machine_section(data),
         speed_sections(data, images),
@@ -1370,5 +1578,7 @@ def markdown(data, images):
         memory_sections(data, images),
         reverse_sections(data, images),
         METHOD,
+        history_section(data),
     ]
+    parts = [FRONT_MATTER, intro(data), contents(sections), *sections]
     return "\n\n".join(parts) + "\n"

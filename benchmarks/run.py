@@ -62,6 +62,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import plots
+import quoted
 import report
 import summary
 from plan import (
@@ -479,6 +480,25 @@ def main():
         print(f"Total: {seconds / 60:.1f} minutes")
     write_outputs(data, output_dir)
     print(f"Wrote benchmarks.md, benchmarks.json and img/ to {output_dir}")
+    if os.path.realpath(output_dir) == os.path.realpath(DEFAULT_OUTPUT_DIR):
+        return rewrite_quoted_figures(data)
+    return 0
+
+
+def rewrite_quoted_figures(data):
+    """The figures README.md and the guides quote (quoted.py), from the
+    JSON just written: a run into docs/ updates every page, or says which
+    page quotes what it no longer has."""
+    try:
+        pages = quoted.rendered_pages(data)
+    except (LookupError, KeyError) as error:
+        print(f"The pages' figures were not rewritten: {error}", file=sys.stderr)
+        return 1
+    stale = [page for page, (old, new) in pages.items() if old != new]
+    for page in stale:
+        with open(os.path.join(ROOT, page), "w") as file:
+            file.write(pages[page][1])
+    print(f"Rewrote the figures of {', '.join(stale) or 'no page'}")
     return 0
 
 

@@ -173,7 +173,11 @@ class _ShardedInitializer:
         return ops.cond(True, sharded, sharded)
 
 
-def shard_embeddings(layout_map, layer_name=".*", axis="model"):
+def shard_embeddings(
+    layout_map: keras.distribution.LayoutMap,
+    layer_name: str = ".*",
+    axis: str = "model",
+) -> keras.distribution.LayoutMap:
     """Adds rules to `layout_map` that shard Embedding tables by rows.
 
     For `keras.distribution.ModelParallel` (JAX): each device of the mesh's

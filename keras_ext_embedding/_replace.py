@@ -18,6 +18,7 @@ import contextlib
 import sys
 import warnings
 import weakref
+from typing import Any
 
 import keras
 
@@ -54,7 +55,7 @@ EMPTY_CLASS_ATTRIBUTES = {
 _REPLACED = weakref.WeakKeyDictionary()
 
 
-def replace_embeddings(model, **overrides):
+def replace_embeddings(model: keras.Model, **overrides: Any) -> keras.Model:
     """Replaces every Keras embedding layer of `model` by ours, in place.
 
     `keras.layers.Embedding` becomes `keras_ext_embedding.Embedding` and

@@ -1,10 +1,12 @@
 import contextlib
 import functools
 import warnings
+from typing import Any, Literal
 
 import keras
 import numpy as np
 from keras import ops
+from numpy.typing import ArrayLike
 
 from keras_ext_embedding import (
     _checkpoint,
@@ -111,12 +113,13 @@ class Embedding(keras.layers.Layer):
         lora_alpha: Optional positive number. The delta is scaled by
             `lora_alpha / lora_rank`. Defaults to `lora_rank`. Kept through
             build, `get_config` and reloading.
-        quantization_config: Optional `keras.quantizers.Int8QuantizationConfig`
-            or `Int4QuantizationConfig`, used when the layer is built with a
-            quantized dtype policy (`dtype="int8_from_float32"`,
-            `"int4/64_from_float32"`, ...): the int4 `block_size` (`None` for
-            one scale per row) and a custom `weight_quantizer`, as in Keras.
-            `layer.quantize(mode, config=...)` sets it.
+        quantization_config: Optional `Int8QuantizationConfig` or
+            `Int4QuantizationConfig` (of `keras.quantizers`), used when the
+            layer is built with a quantized dtype policy
+            (`dtype="int8_from_float32"`, `"int4/64_from_float32"`, ...):
+            the int4 `block_size` (`None` for one scale per row) and a custom
+            `weight_quantizer`, as in Keras. `layer.quantize(mode,
+            config=...)` sets it.
         invalid_ids: `"raise"` (default) or `"zeros"`. How ids outside
             `[0, input_dim)` or non-whole float ids are handled, see above.
         optimizer: Optional. `None` (default): the table trains densely
@@ -157,19 +160,19 @@ class Embedding(keras.layers.Layer):
 
     def __init__(
         self,
-        input_dim,
-        output_dim,
-        embeddings_initializer="uniform",
-        embeddings_regularizer=None,
-        embeddings_constraint=None,
-        mask_zero=False,
-        weights=None,
-        lora_rank=None,
-        lora_alpha=None,
-        quantization_config=None,
-        invalid_ids="raise",
-        optimizer=None,
-        **kwargs,
+        input_dim: int,
+        output_dim: int,
+        embeddings_initializer: str | keras.initializers.Initializer = "uniform",
+        embeddings_regularizer: str | keras.regularizers.Regularizer | None = None,
+        embeddings_constraint: str | keras.constraints.Constraint | None = None,
+        mask_zero: bool = False,
+        weights: ArrayLike | None = None,
+        lora_rank: int | None = None,
+        lora_alpha: float | None = None,
+        quantization_config: keras.quantizers.QuantizationConfig | None = None,
+        invalid_ids: Literal["raise", "zeros"] = "raise",
+        optimizer: str | keras.optimizers.Optimizer | None = None,
+        **kwargs: Any,
     ):
         check_positive_int("input_dim", input_dim)
         check_positive_int("output_dim", output_dim)
@@ -412,11 +415,11 @@ class Embedding(keras.layers.Layer):
 
     def enable_lora(
         self,
-        rank,
-        lora_alpha=None,
-        a_initializer="he_uniform",
-        b_initializer="zeros",
-    ):
+        rank: int,
+        lora_alpha: float | None = None,
+        a_initializer: str | keras.initializers.Initializer = "he_uniform",
+        b_initializer: str | keras.initializers.Initializer = "zeros",
+    ) -> None:
         """Freezes the table and adds trainable LoRA adapters of `rank`.
 
         The forward pass becomes `table[ids] + (lora_alpha / rank) *
@@ -487,7 +490,7 @@ class Embedding(keras.layers.Layer):
         self._tracker.lock()
         self.lora_enabled = True
 
-    def merge_lora(self):
+    def merge_lora(self) -> None:
         """Folds the LoRA adapters into the table and removes them.
 
         The deployment step after fine-tuning: the table becomes
@@ -538,7 +541,12 @@ class Embedding(keras.layers.Layer):
         self.lora_rank = None
         self.lora_alpha = None
 
-    def quantize(self, mode=None, type_check=True, config=None):
+    def quantize(
+        self,
+        mode: Literal["int8", "int4"] | None = None,
+        type_check: bool = True,
+        config: keras.quantizers.QuantizationConfig | None = None,
+    ) -> None:
         """Quantizes the table to int8 or int4, as `keras.layers.Embedding` does.
 
         The same variables and dtype policy as Keras (`int8_from_float32`,

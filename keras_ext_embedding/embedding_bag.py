@@ -1,4 +1,7 @@
+from typing import Any, Literal
+
 import keras
+from numpy.typing import ArrayLike
 
 from keras_ext_embedding import _bag_inputs, _pooling
 from keras_ext_embedding._arguments import check_choice
@@ -110,16 +113,16 @@ class EmbeddingBag(Embedding):
 
     def __init__(
         self,
-        input_dim,
-        output_dim,
-        embeddings_initializer="uniform",
-        embeddings_regularizer=None,
-        embeddings_constraint=None,
-        mask_zero=False,
-        weights=None,
-        combiner="mean",
-        padding_id=None,
-        **kwargs,
+        input_dim: int,
+        output_dim: int,
+        embeddings_initializer: str | keras.initializers.Initializer = "uniform",
+        embeddings_regularizer: str | keras.regularizers.Regularizer | None = None,
+        embeddings_constraint: str | keras.constraints.Constraint | None = None,
+        mask_zero: bool = False,
+        weights: ArrayLike | None = None,
+        combiner: Literal["mean", "sum", "sqrtn", "max", "min"] = "mean",
+        padding_id: int | None = None,
+        **kwargs: Any,
     ):
         check_choice("combiner", combiner, _pooling.COMBINERS)
         super().__init__(

@@ -1,3 +1,5 @@
+from typing import Any, Literal
+
 import keras
 import numpy as np
 from keras import ops
@@ -100,16 +102,16 @@ class ReversibleEmbedding(Embedding):
 
     def __init__(
         self,
-        input_dim,
-        output_dim,
-        tie_weights=True,
-        embeddings_initializer="uniform",
-        embeddings_regularizer=None,
-        embeddings_constraint=None,
-        mask_zero=False,
-        reverse_dtype=None,
-        logit_soft_cap=None,
-        **kwargs,
+        input_dim: int,
+        output_dim: int,
+        tie_weights: bool = True,
+        embeddings_initializer: str | keras.initializers.Initializer = "uniform",
+        embeddings_regularizer: str | keras.regularizers.Regularizer | None = None,
+        embeddings_constraint: str | keras.constraints.Constraint | None = None,
+        mask_zero: bool = False,
+        reverse_dtype: str | None = None,
+        logit_soft_cap: float | None = None,
+        **kwargs: Any,
     ):
         if not isinstance(tie_weights, bool):
             raise ValueError(
@@ -202,7 +204,12 @@ class ReversibleEmbedding(Embedding):
         output_shape = self.compute_output_shape(inputs.shape, reverse=True)
         return keras.KerasTensor(output_shape, dtype=self._logits_dtype())
 
-    def quantize(self, mode=None, type_check=True, config=None):
+    def quantize(
+        self,
+        mode: Literal["int8", "int4"] | None = None,
+        type_check: bool = True,
+        config: keras.quantizers.QuantizationConfig | None = None,
+    ) -> None:
         """Quantizes the table (and an untied `reverse_embeddings`) to int8 or
         int4, as `keras.layers.ReversibleEmbedding` does.
 

@@ -1,6 +1,9 @@
+from typing import Any
+
 import keras
 import numpy as np
 from keras import ops
+from numpy.typing import ArrayLike
 
 from keras_ext_embedding import _bag_inputs, _ids, _pooling
 from keras_ext_embedding.embedding import Embedding
@@ -80,16 +83,16 @@ class SharedEmbedding(Embedding):
 
     def __init__(
         self,
-        input_dim,
-        output_dim,
-        features,
-        embeddings_initializer="uniform",
-        embeddings_regularizer=None,
-        embeddings_constraint=None,
-        mask_zero=False,
-        weights=None,
-        padding_id=None,
-        **kwargs,
+        input_dim: int,
+        output_dim: int,
+        features: dict[str, str | None],
+        embeddings_initializer: str | keras.initializers.Initializer = "uniform",
+        embeddings_regularizer: str | keras.regularizers.Regularizer | None = None,
+        embeddings_constraint: str | keras.constraints.Constraint | None = None,
+        mask_zero: bool = False,
+        weights: ArrayLike | None = None,
+        padding_id: int | None = None,
+        **kwargs: Any,
     ):
         _check_features(features)
         super().__init__(
