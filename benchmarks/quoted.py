@@ -23,7 +23,6 @@ import argparse
 import json
 import re
 import sys
-import tomllib
 from pathlib import Path
 
 from labels import BACKEND_TITLES, DECODING_LABELS, REVERSE_LABELS
@@ -41,10 +40,6 @@ PAGES = (
 )
 MARKER = re.compile(r"<!-- fig (?P<spec>[^>]*?) -->(?P<body>.*?)<!-- /fig -->", re.S)
 BACKENDS = ("tensorflow", "jax", "torch")
-# The documentation site, as pyproject.toml's [project.urls] names it.
-DOCUMENTATION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["urls"][
-    "Documentation"
-]
 
 
 class Quote:
@@ -512,34 +507,28 @@ def measured_on(data, backend, section):
     return base_machine, base["date"]
 
 
-def machine_line(data, sources, benchmarks):
-    """Names the machine(s) and dates behind `sources`; one machine reads as
-    one sentence, several name which sections each measured. `benchmarks`:
-    the address of the benchmarks page from the quoting page."""
+def machine_line(data, sources):
+    """The machine(s) and dates behind `sources`, to follow "measured by
+    `make bench` on": one machine, or several with the sections each
+    measured."""
     where = {}
     for backend, section in sorted(sources):
         machine, date = measured_on(data, backend, section)
         where.setdefault(machine, {"dates": set(), "sections": set()})
         where[machine]["dates"].add(date.split()[0])
         where[machine]["sections"].add(section.replace("_", " "))
-    link = f"[the benchmarks]({benchmarks})"
+    quick = " in a `--quick` smoke run, whose numbers mean little" * data["quick"]
     if len(where) == 1:
         ((machine, seen),) = where.items()
         dates = sorted(seen["dates"])
         when = dates[0] if len(dates) == 1 else f"{dates[0]} to {dates[-1]}"
-        return (
-            f"The figures on this page were measured by `make bench` on a {machine}"
-            f" (CPU only), {when}: see {link}."
-        )
+        return f"a {machine} (CPU only), {when}{quick}"
     parts = "; ".join(
         f"{', '.join(sorted(seen['sections']))} on a {machine} "
         f"({', '.join(sorted(seen['dates']))})"
         for machine, seen in sorted(where.items())
     )
-    return (
-        "The figures on this page come from `make bench` runs on several "
-        f"machines: {parts}. See {link}."
-    )
+    return f"several machines ({parts}){quick}"
 
 
 # -- Pages.
@@ -571,9 +560,8 @@ def quote(data, spec):
     return FIGURES[name](data, *args)
 
 
-def render(text, data, benchmarks="benchmarks.md"):
-    """`text` with every figure rewritten from `data`; `benchmarks` is the
-    address of the benchmarks page from this one."""
+def render(text, data):
+    """`text` with every figure rewritten from `data`."""
     sources = set()
 
     def replace(match, machine=None):
@@ -592,19 +580,24 @@ def render(text, data, benchmarks="benchmarks.md"):
 
     text = MARKER.sub(replace, text)
     if sources:
-        line = machine_line(data, sources, benchmarks)
+        line = machine_line(data, sources)
         text = MARKER.sub(lambda m: replace(m, line), text)
     return text
 
 
-def benchmarks_link(page):
-    """How `page` links to the benchmarks page: relative inside the site,
-    absolute from the README (its links must work on PyPI too)."""
-    if page.startswith("docs/guides/"):
-        return "../benchmarks.md"
-    if page.startswith("docs/"):
-        return "benchmarks.md"
-    return f"{DOCUMENTATION}benchmarks/"
+def misplaced(text):
+    """`(line number, marker)` of every figure Markdown would not render in
+    place: a figure that starts its line must be a block (its marker alone
+    on the line, a blank line after it). A comment that starts a line starts
+    an HTML block, which ends the paragraph before it and leaves the
+    Markdown of its line unrendered."""
+    found = []
+    for match in MARKER.finditer(text):
+        start = text.rfind("\n", 0, match.start()) + 1
+        starts_line = not text[start : match.start()].strip()
+        if starts_line and not match["body"].startswith("\n"):
+            found.append((text.count("\n", 0, match.start()) + 1, match[0][:60]))
+    return found
 
 
 def rendered_pages(data, root=ROOT):
@@ -614,7 +607,7 @@ def rendered_pages(data, root=ROOT):
         path = root / page
         if path.exists():
             text = path.read_text()
-            pages[page] = (text, render(text, data, benchmarks_link(page)))
+            pages[page] = (text, render(text, data))
     return pages
 
 

@@ -162,18 +162,33 @@ def find_pages(site):
     return pages
 
 
-def target_file(site, page_path, url):
+def site_url(mkdocs_yml=ROOT / "mkdocs.yml"):
+    """mkdocs.yml's `site_url`, or "" when it sets none."""
+    found = re.search(r"^site_url:\s*(\S+)", Path(mkdocs_yml).read_text(), re.M)
+    return found.group(1) if found else ""
+
+
+def target_file(site, page_path, url, published=""):
     """The file of `site` that `url`, linked from `page_path`, names.
 
     Returns (file, fragment); file is None for a link off the site (another
     host, mailto:, ...) and fragment is "" when the URL has none.
+    `published` is the site's address once deployed (mkdocs.yml's
+    `site_url`): MkDocs writes links under it (the 404 page's absolute
+    paths, a full address), which name this site's files too.
     """
+    prefix = urllib.parse.urlsplit(published).path.rstrip("/")
+    if published and url.startswith(published):
+        url = "/" + url[len(published) :]
     base = "http://site/" + page_path
     absolute = urllib.parse.urljoin(base, url)
     parts = urllib.parse.urlsplit(absolute)
     if parts.scheme != "http" or parts.netloc != "site":
         return None, ""
-    path = urllib.parse.unquote(parts.path).lstrip("/")
+    path = urllib.parse.unquote(parts.path)
+    if prefix and (path == prefix or path.startswith(prefix + "/")):
+        path = path[len(prefix) :]
+    path = path.lstrip("/")
     file = Path(site, path)
     if path == "" or path.endswith("/") or file.is_dir():
         file = file / "index.html"
@@ -184,8 +199,9 @@ def check_links(site, page):
     """Broken internal links and anchors of `page`, and its links counted."""
     site = Path(site)
     anchors_of = {}
+    published = site_url()
     for tag, attribute, url in parse(site / page.path).links:
-        file, fragment = target_file(site, page.path, url)
+        file, fragment = target_file(site, page.path, url, published)
         if file is None:
             page.external_links += tag == "a" and url.startswith(("http:", "https:"))
             continue

@@ -88,6 +88,34 @@ def test_a_link_off_the_site_names_no_file(site, url):
     assert check_docs_site.target_file(site, "index.html", url) == (None, "")
 
 
+PUBLISHED = "https://example.github.io/project/"
+
+
+@pytest.mark.parametrize(
+    ("url", "file"),
+    [
+        # The 404 page's absolute paths, under the published site's path.
+        ("/project/guides/ids/", "guides/ids/index.html"),
+        ("/project/assets/app.js", "assets/app.js"),
+        # A full address of the published site (a canonical link).
+        (PUBLISHED + "reference/", "reference/index.html"),
+        # A path outside the published one is still this site's.
+        ("/other/", "other/index.html"),
+    ],
+)
+def test_links_under_the_published_address_name_this_site(site, url, file):
+    found = check_docs_site.target_file(site, "404.html", url, PUBLISHED)
+    assert found == (site / file, "")
+
+
+def test_site_url_is_read_from_mkdocs_yml(tmp_path):
+    config = tmp_path / "mkdocs.yml"
+    config.write_text(f"site_name: x\nsite_url: {PUBLISHED}\ndocs_dir: docs\n")
+    assert check_docs_site.site_url(config) == PUBLISHED
+    config.write_text("site_name: x\n")
+    assert check_docs_site.site_url(config) == ""
+
+
 def test_links_and_anchors_are_checked(site):
     write(
         site / "guides" / "lora" / "index.html",
