@@ -184,3 +184,14 @@ def test_docstring_examples_cover_the_public_api():
         "replace_embeddings",
         "shard_embeddings",
     } <= names
+
+
+def test_home_page_and_readme_name_both_layers_and_every_guide():
+    guides = sorted(p.stem for p in (DOCS / "guides").glob("*.md"))
+    home = (DOCS / "index.md").read_text()
+    readme = (ROOT / "README.md").read_text()
+    for layer in ("Embedding", "ReversibleEmbedding", "EmbeddingBag"):
+        assert f"keras_ext_embedding.{layer}`" in home, layer
+    for guide in guides:
+        assert f"(guides/{guide}.md)" in home, f"docs/index.md omits {guide}"
+        assert f"/guides/{guide}/)" in readme, f"README.md omits {guide}"
