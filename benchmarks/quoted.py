@@ -8,7 +8,9 @@ MkDocs all hide:
 `fig NAME ARGS` names a function of `FIGURES` and its arguments; the text
 between the comments is what that function makes of the JSON document. A
 figure on lines of its own (a table) is a block: its text sits between blank
-lines, so that Markdown sees the table. `<!-- fig machine -->` names the
+lines, so that Markdown sees the table. An inline figure never starts a
+line: a comment there starts an HTML block, which ends the paragraph and
+leaves the line's Markdown unrendered. `<!-- fig machine -->` names the
 machine and dates of every other figure of its page.
 
     python benchmarks/quoted.py           # rewrite the figures of every page
@@ -99,9 +101,9 @@ def span(values, unit):
     return f"{low.removesuffix(suffix)}-{high}"
 
 
-def per_backend(values, unit, joiner=", "):
+def per_backend(values, unit):
     """`{backend: value}` as "TensorFlow 88 ms, JAX 380 ms, PyTorch 422 ms"."""
-    return joiner.join(f"{BACKEND_TITLES[b]} {unit(v)}" for b, v in values.items())
+    return ", ".join(f"{BACKEND_TITLES[b]} {unit(v)}" for b, v in values.items())
 
 
 # -- The figures. Each takes the JSON document and the marker's arguments
@@ -139,15 +141,6 @@ def lora_speedup(data, which, mode="eager"):
     return Quote(per_backend(values, times), *((b, "vocab_scaling") for b in values))
 
 
-def lora_speedup_range(data, which, mode="eager"):
-    """The range over backends of Keras's LoRA time over ours."""
-    values = []
-    for b in BACKENDS:
-        entry = data["headline"]["backends"][b]["lora_speedup"][which]
-        values.append(entry if which == "train" else entry[mode])
-    return Quote(span(values, times), *((b, "vocab_scaling") for b in BACKENDS))
-
-
 def lookup_ms(data, case, impl, mode="eager"):
     """A lookup of the speed table (`case` with "_" for spaces, e.g.
     int4_block_128_lookup) at its size, per backend."""
@@ -160,18 +153,6 @@ def lookup_ms(data, case, impl, mode="eager"):
     }
     return Quote(
         per_backend(values, ms), *((b, section_of_case(case)) for b in BACKENDS)
-    )
-
-
-def lookup_speedup(data, case, mode="eager"):
-    """Keras's time over ours for a speed-table case, per backend."""
-    case = case.replace("_", " ")
-    values = {
-        b: 1 / row(data, b, "speed", case=case, mode=mode, variant="raise")["ratio"]
-        for b in BACKENDS
-    }
-    return Quote(
-        per_backend(values, times), *((b, section_of_case(case)) for b in BACKENDS)
     )
 
 
@@ -243,13 +224,10 @@ def training_ms(data, size, *variants):
     for b in BACKENDS:
         for entry in rows(data, b, "training", input_dim=size):
             mode = entry["mode"].removeprefix("train_on_batch (").removesuffix(")")
-            label = BACKEND_TITLES[b]
-            if b == "tensorflow":
-                label += " (XLA)" if "XLA" in mode else ""
-            elif b == "torch":
-                label += ""
+            # TensorFlow: the XLA step, the one Keras's big-table users want.
             if b == "tensorflow" and "XLA" not in mode:
                 continue
+            label = BACKEND_TITLES[b] + (" (XLA)" if b == "tensorflow" else "")
             cells.append(
                 f"{label} " + " -> ".join(ms(entry[v]["median_ms"]) for v in variants)
             )
@@ -349,15 +327,6 @@ def reverse_speedup(data, name, mode="eager"):
     )
 
 
-def reverse_floor(data):
-    """Ours over one matmul on the float32 table, eager decoding step, range."""
-    values = [
-        data["headline"]["backends"][b]["reverse"]["float_over_floor"]["eager"]
-        for b in BACKENDS
-    ]
-    return Quote(span(values, number), *((b, "reverse_projection") for b in BACKENDS))
-
-
 def reverse_row(data, backend, name, mode):
     """A decoding step's reverse-projection row at the headline size; `mode`
     "eager" or "compiled" (the backend's last compiled mode)."""
@@ -417,12 +386,6 @@ def decoding_speedup(data, name):
     )
 
 
-def decoding_ms(data, backend, name, impl):
-    """keras-hub `generate`: milliseconds per token."""
-    entry = row(data, backend, "decoding", format=name)
-    return Quote(ms(entry[f"{impl}_ms_per_token"]), (backend, "reverse_projection"))
-
-
 def summary_table(data):
     """The README's table of ratios, per backend."""
     h = data["headline"]
@@ -467,9 +430,7 @@ FIGURES = {
     for function in (
         lora_forward_ms,
         lora_speedup,
-        lora_speedup_range,
         lookup_ms,
-        lookup_speedup,
         compiled_lookup_ratio,
         eager_lookup_ratio,
         compiled_case_ratio,
@@ -480,12 +441,10 @@ FIGURES = {
         lookup_after,
         reverse_table,
         reverse_speedup,
-        reverse_floor,
         reverse_floor_ms,
         reverse_ms,
         reverse_memory_max,
         decoding_speedup,
-        decoding_ms,
         summary_table,
     )
 }
