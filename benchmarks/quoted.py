@@ -566,7 +566,10 @@ def rendered_pages(data, root=ROOT):
         path = root / page
         if path.exists():
             text = path.read_text()
-            pages[page] = (text, render(text, data))
+            try:
+                pages[page] = (text, render(text, data))
+            except (LookupError, KeyError) as error:
+                raise type(error)(f"{page}: {error}") from error
     return pages
 
 

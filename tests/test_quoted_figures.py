@@ -176,3 +176,19 @@ def test_install_instructions_match_the_release_state():
     if unreleased:
         assert "not on PyPI yet" in readme
         assert f"REPO={URLS['Source']}" in readme
+
+
+def test_a_bench_run_into_docs_flags_a_page_it_cannot_fill(capsys):
+    # run.py's last step after writing docs/benchmarks.json: a page quoting
+    # a row the new JSON lacks is named, and no page is half rewritten.
+    import run
+
+    data = copy.deepcopy(DATA)
+    data["results"]["jax"]["training"] = []
+    assert run.rewrite_quoted_figures(data) == 1
+    error = capsys.readouterr().err
+    page = r"(README\.md|docs/\S+\.md)"
+    assert re.search(f"{page}: docs/benchmarks.json has no training row on jax", error)
+    # From the JSON the pages already quote: nothing to rewrite.
+    assert run.rewrite_quoted_figures(DATA) == 0
+    assert "Rewrote the figures of no page" in capsys.readouterr().out
