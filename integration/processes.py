@@ -110,13 +110,18 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
 def _run(backend, args, timeout, env=None):
+    env = dict(env or {})
+    # A script's XLA_FLAGS (8 virtual devices) add to the run's own
+    # (tests/run_backends.py sets the compiler's optimization level).
+    xla_flags = f"{os.environ.get('XLA_FLAGS', '')} {env.pop('XLA_FLAGS', '')}"
     env = {
         **os.environ,
         "KERAS_BACKEND": backend,
         "TF_CPP_MIN_LOG_LEVEL": "3",
+        "XLA_FLAGS": xla_flags.strip(),
         **ONE_THREAD,
         **JAX_CACHE,
-        **(env or {}),
+        **env,
     }
     return subprocess.run(
         [sys.executable, *map(str, args)],

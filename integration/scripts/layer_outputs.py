@@ -88,27 +88,21 @@ def saved_model(case):
     return model
 
 
-def outputs_of(model):
-    # predict returns NumPy; bfloat16 rows become float32 exactly.
-    rows = np.asarray(model.predict(IDS, verbose=0)).astype("float32")
-    mask = model.get_layer("tokens").compute_mask(ops.convert_to_tensor(IDS))
-    mask = None if mask is None else ops.convert_to_numpy(mask)
-    return rows, mask
-
-
 def write(directory, name, model):
     directory.mkdir(parents=True, exist_ok=True)
-    rows, mask = outputs_of(model)
-    np.save(directory / f"{name}_rows.npy", rows)
+    # One predict: each batch shape compiles its own program on JAX and
+    # TensorFlow. Its rows are saved as float32 (exact for bfloat16 rows),
+    # with the dtype predict gave them.
+    predicted = np.asarray(model.predict(IDS, verbose=0))
+    np.save(directory / f"{name}_rows.npy", predicted.astype("float32"))
+    mask = model.get_layer("tokens").compute_mask(ops.convert_to_tensor(IDS))
     if mask is not None:
-        np.save(directory / f"{name}_mask.npy", mask)
+        np.save(directory / f"{name}_mask.npy", ops.convert_to_numpy(mask))
     layer = model.get_layer("tokens")
     facts = {
         "dtype_policy": layer.dtype_policy.name,
         "lora_enabled": layer.lora_enabled,
-        "output_dtype": keras.backend.standardize_dtype(
-            model.predict(IDS[:1], verbose=0).dtype
-        ),
+        "output_dtype": keras.backend.standardize_dtype(predicted.dtype),
     }
     (directory / f"{name}_facts.json").write_text(json.dumps(facts))
 
