@@ -179,6 +179,9 @@ def load(root, *savers):
         saved = root / saver
         out = saved / f"loaded_by_{BACKEND}"
         for name in MODELS:
+            # With the file's compile config: the models a JAX saver compiled
+            # keep `jit_compile=True`, so PyTorch predicts them through
+            # torch.compile, row-sparse tables included, as a user's would.
             dump(out, name, keras.saving.load_model(saved / f"{name}.keras"))
 
 

@@ -178,7 +178,13 @@ def load(root, *savers):
         saved = root / saver
         out = saved / f"loaded_by_{BACKEND}"
         for name in MODELS:
-            dump(out, name, keras.saving.load_model(saved / f"{name}.keras"))
+            # `dump` compiles the model again: the file's compile config is
+            # not what is compared here. Restored, a JAX saver's
+            # `jit_compile=True` would send PyTorch's predict through
+            # torch.compile, 20 s of CPU for these six models; scripts/bags.py
+            # keeps that path (its row-sparse models load compiled).
+            model = keras.saving.load_model(saved / f"{name}.keras", compile=False)
+            dump(out, name, model)
         # Checkpoints cross between keras.layers.Embedding and ours.
         ours = text_model(Embedding)
         ours.load_weights(saved / "keras_layer.weights.h5")
