@@ -1405,7 +1405,9 @@ and greedy decoding with a keras-hub causal LM, stock and after
   - *int8, eager*: one more small op than Keras's: `2 / scale` on the
     gathered scales, then a product, where Keras divides the rows. XLA turns
     Keras's division into that product, and the same bits on every backend
-    and mode need the same form everywhere.
+    and mode need the same form everywhere. The same op shows, smaller, in
+    *int8 with LoRA against Keras's int8 with LoRA* (the LoRA product and
+    sum are the same ops as Keras's).
   - *int4 with LoRA against Keras's int8 with LoRA, eager*: the unpacking
     of the gathered bytes into their two nibbles, which int8 does not need:
     one gather from a 256-row table of nibbles on TensorFlow and JAX; on
